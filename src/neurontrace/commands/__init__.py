@@ -1,0 +1,1 @@
+"""CLI command implementations: argument handling and printing; the work is done by the library modules."""

@@ -1,0 +1,19 @@
+"""Helpers shared by the CLI commands."""
+
+from __future__ import annotations
+
+import argparse
+
+from neurontrace.models.loading import load_model
+from neurontrace.models.model import NeuronModel
+
+
+def model_from_args(args: argparse.Namespace) -> NeuronModel:
+    """Load the model named by the common ``--model/--device/--dtype`` options, with progress on stderr."""
+    return load_model(
+        args.model,
+        device=args.device,
+        dtype=args.dtype,
+        trust_remote_code=args.trust_remote_code,
+        progress=True,
+    )

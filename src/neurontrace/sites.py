@@ -1,0 +1,110 @@
+"""Sites (bases) and activation capture.
+
+A *site* is where a basis lives in each layer:
+
+=============  ==============================================================  =========
+site           tensor                                                          width
+=============  ==============================================================  =========
+``neurons``    input of the MLP down projection (the neuron basis, default)    d_ff
+``mlp_out``    output of the MLP module                                        d_model
+``attn_out``   output of the attention output projection                       d_model
+``resid``      residual stream after the decoder layer                         d_model
+=============  ==============================================================  =========
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from neurontrace.errors import NeurontraceError
+from neurontrace.hooks import add_input_hook, add_output_hook, hooks_removed_on_exit
+from neurontrace.models.model import NeuronModel
+from neurontrace.tokens import Batch
+
+SITES: tuple[str, ...] = ("neurons", "mlp_out", "attn_out", "resid")
+
+
+def check_site(site: str) -> str:
+    if site not in SITES:
+        raise NeurontraceError(f"unknown site {site!r}; choose one of {', '.join(SITES)}")
+    return site
+
+
+def site_module(model: NeuronModel, site: str, layer: int) -> tuple[nn.Module, bool]:
+    """The module whose input (``True``) or output (``False``) holds ``site`` at ``layer``."""
+    check_site(site)
+    if not 0 <= layer < model.n_layers:
+        raise NeurontraceError(f"layer {layer} does not exist; the model has layers 0..{model.n_layers - 1}")
+    a = model.adapter
+    if site == "neurons":
+        return model.layer_module(layer, a.down), True
+    if site == "mlp_out":
+        return model.layer_module(layer, a.mlp), False
+    if site == "attn_out":
+        return model.layer_module(layer, a.attn_out), False
+    return model.layer(layer), False
+
+
+def site_width(model: NeuronModel, site: str) -> int:
+    return model.d_ff if check_site(site) == "neurons" else model.d_model
+
+
+def hook_site(model: NeuronModel, site: str, layer: int, fn) -> object:
+    """Register ``fn(tensor) -> tensor | None`` at a site; returns the removable handle."""
+    module, is_input = site_module(model, site, layer)
+    return add_input_hook(module, fn) if is_input else add_output_hook(module, fn)
+
+
+@dataclass
+class Activations:
+    """Activations captured at sites for one batch, in the batch's padded layout ``[B, T, width]``."""
+
+    batch: Batch
+    acts: dict[tuple[str, int], torch.Tensor]
+    logits: torch.Tensor | None = None
+
+    def __getitem__(self, key: tuple[str, int]) -> torch.Tensor:
+        return self.acts[key]
+
+    def get(self, layer: int, site: str = "neurons") -> torch.Tensor:
+        return self.acts[(site, layer)]
+
+    def stack(self, site: str = "neurons") -> torch.Tensor:
+        """All captured layers of one site as ``[layers, B, T, width]`` (layers in increasing order)."""
+        layers = sorted(layer for s, layer in self.acts if s == site)
+        return torch.stack([self.acts[(site, layer)] for layer in layers])
+
+    def unpadded(self, row: int, layer: int, site: str = "neurons") -> torch.Tensor:
+        """One prompt's activations without its padding columns, ``[length, width]``."""
+        return self.batch.unpad(self.acts[(site, layer)], row)
+
+
+def capture(
+    model: NeuronModel,
+    batch: Batch,
+    *,
+    sites: Sequence[str] | str = ("neurons",),
+    layers: Iterable[int] | None = None,
+    keep_logits: bool = True,
+) -> Activations:
+    """Run ``batch`` once and record activations at the given sites and layers (all layers by default)."""
+    sites = [sites] if isinstance(sites, str) else list(sites)
+    layers = list(range(model.n_layers)) if layers is None else list(layers)
+    store: dict[tuple[str, int], torch.Tensor] = {}
+
+    def recorder(key: tuple[str, int]):
+        def fn(x: torch.Tensor) -> None:
+            store[key] = x.detach()
+
+        return fn
+
+    with hooks_removed_on_exit() as handles, torch.no_grad():
+        for site in sites:
+            for layer in layers:
+                handles.append(hook_site(model, site, layer, recorder((site, layer))))
+        out = model.forward(batch)
+    return Activations(batch=batch, acts=store, logits=out.logits if keep_logits else None)

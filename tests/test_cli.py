@@ -1,0 +1,82 @@
+"""The CLI: `inspect` on a tiny local model, and bad input ends in one line and exit code 2."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+from conftest import make_tiny_hf, word_tokenizer
+
+from neurontrace.cli import main
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    path = tmp_path_factory.mktemp("cli-model")
+    make_tiny_hf("llama").save_pretrained(path)
+    word_tokenizer().save_pretrained(path)
+    return str(path)
+
+
+def test_inspect_prints_tokens_neurons_and_zero_effect(folder, capsys, tmp_path):
+    out_json = tmp_path / "inspect.json"
+    argv = ["inspect", "--model", folder, "--prompt", "the keys to the cabinet", "--top", "3"]
+    argv += ["--zero", "L1/N3,L2/N5@-1", "--answer", " are", "--contrast", " is", "--json", str(out_json)]
+    rc = main(argv)
+    out = capsys.readouterr()
+    assert rc == 0
+    assert "Top next tokens:" in out.out and "Most active neurons" in out.out
+    assert "With L1/N3, L2/N5@-1 zeroed" in out.out and "KL(before || after)" in out.out
+    assert "logit(' are') - logit(' is')" in out.out
+    assert "[neurontrace] loading" in out.err  # progress while loading
+    data = json.loads(out_json.read_text())
+    assert data["schema_version"] == 1 and len(data["active"]) == 3 and len(data["top"]) == 3
+
+
+def test_inspect_counterfactual(folder, capsys):
+    rc = main(["inspect", "--model", folder, "--prompt", "the keys are", "--counterfactual", "the key is"])
+    assert rc == 0 and "differ most from 'the key is'" in capsys.readouterr().out
+
+
+def test_models_lists_families(capsys):
+    assert main(["models"]) == 0
+    out = capsys.readouterr().out
+    assert "GPT-NeoX" in out and "smollm2-135m" in out
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--model", "/no/such/model.gguf"], "no such model file"),
+        (["--prompt", ""], "the prompt is empty"),
+        (["--zero", "L1-N3"], "cannot read neuron"),
+        (["--zero", "L9/N3"], "neuron L9/N3 does not exist"),
+        (["--answer", " are near"], "must be one token"),
+        (["--counterfactual", "the key"], "unequal token lengths"),
+        (["--position", "40"], "outside prompt"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_2(folder, capsys, args, message):
+    base = {"--model": folder, "--prompt": "the keys to the cabinet"}
+    for flag, value in zip(args[::2], args[1::2], strict=True):
+        base[flag] = value
+    argv = ["inspect"] + [x for kv in base.items() for x in kv]
+    assert main(argv) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("neurontrace: error:")]
+    assert len(err) == 1 and message in err[0]
+
+
+def test_errors_have_no_traceback_in_a_real_process(tmp_path):
+    bad = tmp_path / "x.gguf"
+    bad.write_bytes(b"not a gguf")
+    proc = subprocess.run(
+        [sys.executable, "-m", "neurontrace.cli", "inspect", "--model", str(bad), "--prompt", "hi"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith("neurontrace: error: could not read GGUF file")

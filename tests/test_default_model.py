@@ -1,0 +1,61 @@
+"""Behaviour of the embedded default model (SmolLM2-135M), loaded offline from the packaged GGUF."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import hand_neurons
+
+from neurontrace.hooks import add_input_hook
+from neurontrace.models.loading import gguf_cache_dir, resolve_spec
+from neurontrace.sites import capture
+from neurontrace.tokens import single_token_id
+
+pytestmark = pytest.mark.default_model
+
+
+def test_default_model_is_the_llama_smollm2(default_model):
+    m = default_model
+    assert m.adapter.family == "Llama"
+    assert (m.n_layers, m.d_ff, m.d_model) == (30, 1536, 576)
+
+
+def test_cached_copy_is_keyed_by_the_gguf_hash(default_model):
+    from pathlib import Path
+
+    gguf = Path(resolve_spec("smollm2-135m").location)
+    folder = gguf_cache_dir(gguf)
+    source = json.loads((folder / "neurontrace-source.json").read_text())
+    assert source["gguf"] == str(gguf) and folder.name.endswith(source["sha256"][:16])
+    assert (folder / "model.safetensors").is_file()
+    assert default_model.source == str(folder)
+
+
+@pytest.mark.parametrize(
+    ("prompt", "plural"),
+    [("The keys to the cabinet", True), ("The key to the cabinets", False)],
+)
+def test_subject_verb_agreement(default_model, prompt, plural):
+    m = default_model
+    logits = m.logits(m.tokenize(prompt))[0, -1]
+    diff = float(logits[single_token_id(m, " are")] - logits[single_token_id(m, " is")])
+    assert (diff > 0) == plural, f"{prompt!r}: logit(' are') - logit(' is') = {diff:.3f}"
+
+
+def test_real_model_batch_padding_and_hand_computed_neurons(default_model):
+    m = default_model
+    prompts = ["The keys to the cabinet", "The author that the guards like", "Hi"]
+    batch = m.tokenize(prompts)
+    inputs = {}
+    handle = add_input_hook(m.layer_module(12, "mlp"), lambda x: inputs.__setitem__(12, x))
+    try:
+        acts = capture(m, batch, layers=[12])
+    finally:
+        handle.remove()
+    torch.testing.assert_close(acts.get(12), hand_neurons(m, 12, inputs[12]), rtol=1e-4, atol=1e-4)
+    for row, prompt in enumerate(prompts):
+        alone = capture(m, m.tokenize(prompt), layers=[12])
+        torch.testing.assert_close(batch.unpad(acts.logits, row), alone.logits[0], rtol=1e-4, atol=2e-4)
+        torch.testing.assert_close(acts.unpadded(row, 12), alone.unpadded(0, 12), rtol=1e-4, atol=1e-4)
