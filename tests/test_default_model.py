@@ -9,7 +9,7 @@ import torch
 from conftest import hand_neurons
 
 from neurontrace.hooks import add_input_hook
-from neurontrace.models.loading import gguf_cache_dir, resolve_spec
+from neurontrace.models.loading import file_sha256, gguf_cache_dir, resolve_spec
 from neurontrace.sites import capture
 from neurontrace.tokens import single_token_id
 
@@ -28,7 +28,7 @@ def test_cached_copy_is_keyed_by_the_gguf_hash(default_model):
     gguf = Path(resolve_spec("smollm2-135m").location)
     folder = gguf_cache_dir(gguf)
     source = json.loads((folder / "neurontrace-source.json").read_text())
-    assert source["gguf"] == str(gguf) and folder.name.endswith(source["sha256"][:16])
+    assert source["sha256"] == file_sha256(gguf) and folder.name.endswith(source["sha256"][:16])
     assert (folder / "model.safetensors").is_file()
     assert default_model.source == str(folder)
 
