@@ -25,3 +25,7 @@ class TokenizationError(NeurontraceError):
 
 class InterventionError(NeurontraceError):
     """An intervention names a layer, neuron, position or value that does not fit the model or batch."""
+
+
+class DatasetError(NeurontraceError):
+    """A dataset file or pair list is unusable (missing file, bad line, missing field, no pairs)."""

@@ -1,0 +1,392 @@
+"""``attribute``: score every unit at every layer and position for one prompt, pairs, or a JSONL dataset.
+
+Runs in batches with a progress bar, aggregates per position (when all examples share one token length) and
+summed over positions, and can checkpoint a long dataset run so that an interrupted run resumes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from neurontrace import __version__
+from neurontrace.attribution.engine import METHODS, BatchAttributor, run_sites
+from neurontrace.attribution.metrics import Metric, make_metric
+from neurontrace.attribution.replacement import RelPRules
+from neurontrace.attribution.result import SCHEMA_VERSION, AttributionResult
+from neurontrace.errors import NeurontraceError, TokenizationError
+from neurontrace.models.model import NeuronModel
+from neurontrace.sites import check_site, site_width
+from neurontrace.tokens import Batch, encode, pad_id_of, single_token_id, token_strings, tokenize_pairs
+
+AUTO_KEEP_ELEMENTS = 32_000_000  # keep per-example per-position scores up to this many floats (128 MB)
+
+
+@dataclass(frozen=True)
+class Example:
+    """One attribution example: a prompt, optionally its counterfactual, and the answer(s) scored."""
+
+    clean: str
+    patch: str | None = None
+    answer: str | None = None
+    contrast: str | None = None
+
+
+def examples_from(
+    *,
+    prompt: str | None = None,
+    answer: str | None = None,
+    contrast: str | None = None,
+    counterfactual: str | None = None,
+    pairs: Sequence[Any] | None = None,
+    dataset: str | os.PathLike | None = None,
+) -> list[Example]:
+    """Normalise the accepted inputs into a list of :class:`Example`."""
+    given = sum(x is not None for x in (prompt, pairs, dataset))
+    if given != 1:
+        raise NeurontraceError("give exactly one of: a prompt, a list of pairs, or a dataset file")
+    if prompt is not None:
+        return [Example(prompt, counterfactual, answer, contrast)]
+    if dataset is not None:
+        from neurontrace.tasks.pairs import load_pairs
+
+        pairs = load_pairs(dataset)
+    out = []
+    for p in pairs:
+        get = (lambda k, p=p: p[k]) if isinstance(p, dict) else (lambda k, p=p: getattr(p, k))
+        out.append(
+            Example(get("clean_prefix"), get("patch_prefix"), get("clean_answer"), get("patch_answer"))
+        )
+    if not out:
+        raise NeurontraceError("the dataset is empty; give at least one pair")
+    return out
+
+
+def _metric_for(
+    model: NeuronModel, examples: Sequence[Example], kind: str, fn: Callable | None, k: int
+) -> tuple[Metric, bool]:
+    """The batch's metric; second value: whether the answer tokens are teacher-forced into the prompt."""
+    if fn is not None:
+        return make_metric("custom", fn=fn), False
+    if kind == "topk":
+        return make_metric("topk", k=k), False
+    if kind == "logprob" and all(e.patch is None for e in examples):
+        answers = [
+            model.tokenizer.encode(e.answer, add_special_tokens=False) if e.answer else [] for e in examples
+        ]
+        if any(len(a) == 0 for a in answers):
+            raise TokenizationError("the logprob metric needs an answer for every prompt")
+        if any(len(a) > 1 for a in answers):
+            n = max(len(a) for a in answers)
+            padded = [[-1] * (n - len(a)) + a for a in answers]
+            return Metric("teacher-forced", answer=torch.tensor(padded)), True
+    answer = [single_token_id(model, e.answer) for e in examples] if examples[0].answer is not None else None
+    contrast = None
+    if kind == "logit-diff":
+        if any(e.contrast is None for e in examples):
+            raise NeurontraceError(
+                "the logit-diff metric needs a contrast answer (--contrast), or use --metric logit"
+            )
+        contrast = [single_token_id(model, e.contrast) for e in examples]
+    return make_metric(kind, answer=answer, contrast=contrast, k=k), False
+
+
+def _tokenize(
+    model: NeuronModel, examples: Sequence[Example], forced: Metric | None
+) -> tuple[Batch, Batch | None]:
+    if examples[0].patch is not None:
+        if any(e.patch is None for e in examples):
+            raise NeurontraceError("either every example has a counterfactual prompt or none has")
+        return tokenize_pairs(model, [e.clean for e in examples], [e.patch for e in examples])
+    ids = [encode(model, e.clean) for e in examples]
+    if forced is not None:  # teacher forcing: append all answer tokens but the last
+        for row, answer in zip(ids, forced.answer.tolist(), strict=True):
+            row += [t for t in answer if t >= 0][:-1]
+    return Batch.from_ids(ids, pad_id=pad_id_of(model.tokenizer), prompts=[e.clean for e in examples]), None
+
+
+def _fingerprint(model: NeuronModel, examples: Sequence[Example], config: dict) -> str:
+    digest = hashlib.sha256(json.dumps([model.name, config], sort_keys=True, default=str).encode())
+    for e in examples:
+        digest.update(json.dumps(e.__dict__).encode())
+    return digest.hexdigest()[:32]
+
+
+def mean_activations(
+    model: NeuronModel, examples: Sequence[Example], *, site: str, layers: Sequence[int], batch_size: int
+) -> torch.Tensor:
+    """Mean of the site over every real token of the examples' clean prompts, ``[L, width]``."""
+    total, count = None, 0
+    metric = make_metric("custom", fn=lambda logits: logits[:, -1, 0])
+    for start in range(0, len(examples), batch_size):
+        batch = Batch.from_ids([encode(model, e.clean) for e in examples[start : start + batch_size]])
+        run = run_sites(model, batch, metric, site=site, layers=layers, grad=False)
+        mask = batch.attention_mask.to(model.device)[:, None, :, None].float()
+        acts = torch.stack([run.acts[layer] for layer in layers], dim=1).float() * mask
+        part = acts.sum(dim=(0, 2))
+        total = part if total is None else total + part
+        count += int(batch.attention_mask.sum())
+    return total / count
+
+
+def attribute(
+    model: NeuronModel,
+    *,
+    prompt: str | None = None,
+    answer: str | None = None,
+    contrast: str | None = None,
+    counterfactual: str | None = None,
+    pairs: Sequence[Any] | None = None,
+    dataset: str | os.PathLike | None = None,
+    method: str = "relp",
+    metric: str | None = None,
+    metric_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    topk: int = 5,
+    site: str = "neurons",
+    layers: Sequence[int] | None = None,
+    baseline: str = "zero",
+    rules: RelPRules | None = None,
+    steps: int = 32,
+    ig_rule: str = "midpoint",
+    batch_size: int = 8,
+    max_rows: int = 64,
+    seed: int = 0,
+    keep_per_example: bool | None = None,
+    progress: bool = False,
+    checkpoint: str | os.PathLike | None = None,
+    checkpoint_every_s: float = 60.0,
+) -> AttributionResult:
+    """Attribute a metric to every unit at every layer and position.
+
+    Inputs: one ``prompt`` (with ``answer``, optional ``contrast`` and ``counterfactual``), or ``pairs``
+    (Marks-format dicts or :class:`neurontrace.tasks.Pair`), or a JSONL ``dataset``. The default metric is the
+    logit difference for pairs or a prompt with a contrast, else the answer's logit (``logprob`` teacher-forces
+    multi-token answers). ``baseline`` (``zero`` or ``mean``) is used for prompts without a counterfactual.
+    ``checkpoint`` names a file where partial results are saved every ``checkpoint_every_s`` seconds; a run
+    with the same inputs and settings resumes from it.
+    """
+    check_site(site)
+    if method not in METHODS:
+        raise NeurontraceError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    if baseline not in ("zero", "mean"):
+        raise NeurontraceError(f"unknown baseline {baseline!r}; choose zero or mean")
+    if batch_size < 1:
+        raise NeurontraceError("the batch size must be at least 1")
+    examples = examples_from(
+        prompt=prompt,
+        answer=answer,
+        contrast=contrast,
+        counterfactual=counterfactual,
+        pairs=pairs,
+        dataset=dataset,
+    )
+    paired = examples[0].patch is not None
+    if metric is None:
+        metric = (
+            "logit-diff" if examples[0].contrast is not None else ("logit" if examples[0].answer else "topk")
+        )
+    layers = list(range(model.n_layers)) if layers is None else list(layers)
+    for layer in layers:
+        if not 0 <= layer < model.n_layers:
+            raise NeurontraceError(
+                f"layer {layer} does not exist; the model has layers 0..{model.n_layers - 1}"
+            )
+    rules = rules or RelPRules()
+    config = dict(
+        method=method, metric=metric if metric_fn is None else "custom", site=site, layers=layers,
+        baseline=None if paired else baseline, rules=rules.to_dict() if method == "relp" else None,
+        steps=steps if method.startswith("ig") else None, ig_rule=ig_rule if method.startswith("ig") else None,
+        seed=seed if method == "random" else None,
+    )  # fmt: skip
+    attributor = BatchAttributor(
+        model,
+        method=method,
+        site=site,
+        layers=layers,
+        rules=rules,
+        steps=steps,
+        ig_rule=ig_rule,
+        max_rows=max_rows,
+        seed=seed,
+    )
+    base = None
+    if not paired and baseline == "mean":
+        base = mean_activations(model, examples, site=site, layers=layers, batch_size=batch_size)
+
+    width = site_width(model, site)
+    fingerprint = _fingerprint(model, examples, config)
+    state = None
+    if checkpoint is not None:
+        state = _State.load(Path(checkpoint), fingerprint, keep_per_example)
+    state = state or _State(keep_per_example)
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(
+            total=len(examples), initial=state.done, desc=f"{method} attribution", unit="ex", leave=False
+        )
+    last_save = time.monotonic()
+    for start in range(state.done, len(examples), batch_size):
+        chunk = examples[start : start + batch_size]
+        metric_obj, forced = _metric_for(model, chunk, metric, metric_fn, topk)
+        clean, patch = _tokenize(model, chunk, metric_obj if forced else None)
+        if metric_obj.kind == "topk" and metric_obj.answer is None:
+            with torch.no_grad():
+                last = model.forward(clean, logits_to_keep=1).logits[:, -1]
+            metric_obj.answer = last.topk(topk, dim=-1).indices.cpu()
+        out = attributor(clean, metric_obj, patch=patch, baseline=base)
+        mask = clean.attention_mask.to(out.scores.device)[:, None, :, None].to(out.scores.dtype)
+        scores, acts = (out.scores * mask).float().cpu(), (out.acts * mask).float().cpu()
+        state.tokens += [
+            token_strings(model, clean.ids(row)) if model.tokenizer else [] for row in range(clean.size)
+        ]
+        state.add(scores, acts, clean, out)
+        if bar is not None:
+            bar.update(len(chunk))
+        if checkpoint is not None and time.monotonic() - last_save > checkpoint_every_s:
+            state.save(Path(checkpoint), fingerprint)
+            last_save = time.monotonic()
+    if bar is not None:
+        bar.close()
+    result = state.result(
+        meta={
+            "schema_version": SCHEMA_VERSION,
+            "neurontrace_version": __version__,
+            "model": model.name,
+            "family": model.adapter.family,
+            **config,
+            "paired": paired,
+            "n_examples": len(examples),
+            "width": width,
+            "tokens": state.tokens[:64],
+            "prompts": [e.clean for e in examples[:64]],
+            "sign": "m(patched) - m(clean)" if paired else "m(clean) - m(baseline)",
+        }
+    )
+    if checkpoint is not None:
+        Path(checkpoint).unlink(missing_ok=True)
+    return result
+
+
+class _State:
+    """Running totals of a dataset run (also what a checkpoint stores).
+
+    Position-summed scores are kept per example. Per-position sums are kept while every example has one token
+    length (aligned at the prompt end); per-example per-position scores only if asked, or, by default, while
+    they stay under ``AUTO_KEEP_ELEMENTS`` floats.
+    """
+
+    def __init__(self, keep: bool | None = None) -> None:
+        self.keep = keep
+        self.done = 0
+        self.lengths: list[int] = []
+        self.tokens: list[list[str]] = []
+        self.t: dict[str, list[torch.Tensor]] = {}  # name -> per-batch tensors (concatenated on demand)
+        self.pos_sum: torch.Tensor | None = None  # [L, T, d]
+        self.pos_act_sum: torch.Tensor | None = None
+
+    def _push(self, name: str, value: torch.Tensor | None) -> None:
+        if value is not None:
+            self.t.setdefault(name, []).append(value.detach().float().cpu())
+
+    def get(self, name: str) -> torch.Tensor | None:
+        parts = self.t.get(name)
+        if not parts:
+            return None
+        if len(parts) > 1:
+            self.t[name] = [torch.cat(parts)]
+        return self.t[name][0]
+
+    @property
+    def one_length(self) -> bool:
+        return len(set(self.lengths)) == 1
+
+    def add(self, scores: torch.Tensor, acts: torch.Tensor, clean: Batch, out) -> None:
+        self.done += scores.shape[0]
+        self.lengths += clean.lengths.tolist()
+        self._push("scores_sum", scores.sum(2))
+        self._push("acts_sum", acts.sum(2))
+        self._push("metric_clean", out.metric_clean)
+        self._push("metric_patch", out.metric_patch)
+        if not self.one_length:
+            self.pos_sum = self.pos_act_sum = None
+            self.t.pop("scores", None)
+            self.t.pop("embed_scores", None)
+            return
+        n = self.lengths[0]
+        part, part_acts = scores[..., -n:, :], acts[..., -n:, :]
+        self.pos_sum = part.sum(0) if self.pos_sum is None else self.pos_sum + part.sum(0)
+        self.pos_act_sum = (
+            part_acts.sum(0) if self.pos_act_sum is None else self.pos_act_sum + part_acts.sum(0)
+        )
+        if self.keep or (self.keep is None and self.done * part[0].numel() <= AUTO_KEEP_ELEMENTS):
+            self._push("scores", part)
+        else:
+            self.t.pop("scores", None)
+            self.keep = False
+        if out.embed_scores is not None:
+            self._push("embed_scores", out.embed_scores[:, -n:])
+
+    def result(self, *, meta: dict) -> AttributionResult:
+        one = self.one_length
+        return AttributionResult(
+            scores_sum=self.get("scores_sum"),
+            acts_sum_mean=self.get("acts_sum").mean(0),
+            metric_clean=self.get("metric_clean"),
+            meta=meta,
+            scores=self.get("scores") if one else None,
+            mean_scores=self.pos_sum / self.done if one else None,
+            acts_mean=self.pos_act_sum / self.done if one else None,
+            metric_patch=self.get("metric_patch"),
+            extra={"embed_scores": self.get("embed_scores")}
+            if one and self.get("embed_scores") is not None
+            else {},
+        )
+
+    # ---------------------------------------------------------- checkpoints
+    def save(self, path: Path, fingerprint: str) -> None:
+        from safetensors.torch import save
+
+        from neurontrace.io import write_bytes_atomic
+
+        tensors = {name: self.get(name) for name in self.t if self.get(name) is not None}
+        if self.pos_sum is not None:
+            tensors["pos_sum"], tensors["pos_act_sum"] = self.pos_sum, self.pos_act_sum
+        meta = {
+            "fingerprint": fingerprint,
+            "done": self.done,
+            "lengths": self.lengths,
+            "tokens": self.tokens,
+            "keep": self.keep,
+        }
+        write_bytes_atomic(path, save(tensors, metadata={"neurontrace-checkpoint": json.dumps(meta)}))
+
+    @classmethod
+    def load(cls, path: Path, fingerprint: str, keep: bool | None) -> _State | None:
+        """The state saved at ``path`` if it belongs to this very run (same fingerprint), else None."""
+        if not path.is_file():
+            return None
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = json.loads((f.metadata() or {})["neurontrace-checkpoint"])
+                tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+        except Exception:
+            return None  # an unreadable checkpoint is ignored and later overwritten
+        if meta.get("fingerprint") != fingerprint:
+            return None
+        state = cls(keep if keep is not None else meta.get("keep"))
+        state.done, state.lengths, state.tokens = meta["done"], meta["lengths"], meta["tokens"]
+        state.pos_sum, state.pos_act_sum = tensors.pop("pos_sum", None), tensors.pop("pos_act_sum", None)
+        state.t = {name: [value] for name, value in tensors.items()}
+        return state
