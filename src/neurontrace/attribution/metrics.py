@@ -74,7 +74,7 @@ class Metric:
         if not torch.isfinite(value).all():
             bad = int((~torch.isfinite(value)).nonzero()[0])
             raise NeurontraceError(
-                f"the metric is {float(value[bad])} for example {bad}; check the model and inputs"
+                f"the metric is {float(value[bad].detach())} for example {bad}; check the model and inputs"
             )
         return value
 
