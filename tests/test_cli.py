@@ -80,3 +80,78 @@ def test_errors_have_no_traceback_in_a_real_process(tmp_path):
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines()[-1].startswith("neurontrace: error: could not read GGUF file")
+
+
+def test_attribute_prompt_prints_a_verified_table(folder, capsys):
+    argv = ["attribute", "--model", folder, "--prompt", "the keys to the cabinet", "--answer", " are"]
+    argv += [
+        "--contrast",
+        " is",
+        "--counterfactual",
+        "the key to the cabinets",
+        "--top",
+        "5",
+        "--verify",
+        "5",
+    ]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "method: relp" in out and "exact" in out and "'cabinet'" in out
+    rows = [line.split() for line in out.splitlines() if line.strip()[:1].isdigit()]
+    assert len(rows) == 5 and all(r[1].startswith("L") for r in rows)
+
+
+def test_attribute_dataset_writes_a_result_file(folder, capsys, tmp_path):
+    from neurontrace.attribution.result import AttributionResult
+    from neurontrace.tasks import Pair, save_pairs
+
+    data = tmp_path / "pairs.jsonl"
+    save_pairs(
+        data,
+        [
+            Pair("the keys are", "the key are", " near", " on"),
+            Pair("a dog runs", "a dogs runs", " to", " on"),
+        ],
+    )
+    out = tmp_path / "res.safetensors"
+    assert (
+        main(["attribute", "--model", folder, "--dataset", str(data), "--method", "atp", "--out", str(out)])
+        == 0
+    )
+    assert "2 examples" in capsys.readouterr().out
+    result = AttributionResult.load(out)
+    assert result.n_examples == 2 and result.meta["method"] == "atp"
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--prompt", "the keys", "--answer", " are near"], "must be one token"),
+        (["--prompt", "the keys", "--answer", " are", "--contrast", " is", "--counterfactual", "the key is"],
+         "unequal token lengths"),
+        (["--dataset", "/no/such.jsonl"], "no such dataset file"),
+        (["--prompt", "the keys", "--answer", " are", "--metric", "logit-diff"], "needs a contrast"),
+    ],
+)  # fmt: skip
+def test_attribute_bad_input(folder, capsys, args, message):
+    assert main(["attribute", "--model", folder, *args]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("neurontrace: error:") and message in err[-1]
+
+
+def test_attribute_empty_dataset(folder, capsys, tmp_path):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    assert main(["attribute", "--model", folder, "--dataset", str(empty)]) == 2
+    assert "empty" in capsys.readouterr().err
+
+
+def test_tasks_writes_train_and_test(tmp_path, capsys):
+    from neurontrace.tasks import load_pairs
+
+    assert main(["tasks", "--task", "sva-within-rc", "--n", "40", "--out", str(tmp_path)]) == 0
+    train, test = (
+        load_pairs(tmp_path / "within_rc_train.jsonl"),
+        load_pairs(tmp_path / "within_rc_test.jsonl"),
+    )
+    assert len(train) + len(test) == 40 and len(test) == 8

@@ -79,6 +79,76 @@ def _build_parser() -> argparse.ArgumentParser:
         help="neurons to zero, e.g. L5/N123 or 'L5/N123,L7/N9@-1' (@pos limits it to one position); repeatable",
     )
 
+    p = sub.add_parser(
+        "attribute",
+        help="score every neuron at every position for a prompt or a dataset (RelP by default)",
+        description=(
+            "Attribute a metric to every neuron at every layer and position. One prompt: --prompt with --answer "
+            "(and --contrast for a logit difference, --counterfactual for a paired prompt of equal token length). "
+            "A dataset: --dataset FILE.jsonl of {clean_prefix, patch_prefix, clean_answer, patch_answer} lines, "
+            "run in batches with a progress bar; the result file is written to --out and an interrupted run "
+            "resumes from its .partial checkpoint. Scores estimate m(patched) - m(clean) for counterfactuals, "
+            "m(clean) - m(baseline) otherwise."
+        ),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    _add_model_args(p)
+    p.add_argument("--prompt", "-p", help="the prompt text (one example)")
+    p.add_argument("--answer", help="the answer token to score, e.g. ' are' (mind the leading space)")
+    p.add_argument("--contrast", help="contrast answer: the metric becomes logit(answer) - logit(contrast)")
+    p.add_argument("--counterfactual", help="a counterfactual prompt of the same token length (paired mode)")
+    p.add_argument("--dataset", help="a JSONL dataset of clean/counterfactual pairs (Marks et al. format)")
+    p.add_argument(
+        "--method", default="relp", choices=["relp", "atp", "ig", "ig-inputs", "exact", "delta", "random"]
+    )
+    p.add_argument(
+        "--metric",
+        default=None,
+        choices=["logit-diff", "logit", "logprob", "prob", "topk"],
+        help="default: logit-diff with a contrast or for datasets, else logit; logprob teacher-forces multi-token answers",
+    )
+    p.add_argument("--site", default="neurons", choices=["neurons", "mlp_out", "attn_out", "resid"])
+    p.add_argument(
+        "--baseline", default="zero", choices=["zero", "mean"], help="baseline without a counterfactual"
+    )
+    p.add_argument(
+        "--gate", default="half", choices=["half", "detach", "plain"], help="RelP rule for gated MLPs"
+    )
+    p.add_argument("--steps", type=int, default=32, help="integrated-gradients steps")
+    p.add_argument(
+        "--ig-rule", default="midpoint", choices=["midpoint", "left"], help="integrated-gradients rule"
+    )
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--top", type=int, default=20, help="how many neurons to print")
+    p.add_argument("--verify", type=int, default=0, metavar="K", help="also patch the top K nodes exactly")
+    p.add_argument(
+        "--out",
+        help="result file (.safetensors); default for datasets: results/attribution-METHOD.safetensors",
+    )
+
+    p = sub.add_parser(
+        "tasks",
+        help="generate a task dataset (subject-verb agreement) as train/test JSONL",
+        description=(
+            "Write {task}_train.jsonl and {task}_test.jsonl of clean/counterfactual pairs from the project's own "
+            "generators. With --model, pairs are filtered for that tokenizer: single-token answers, equal "
+            "clean/counterfactual lengths, and one length per set."
+        ),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    _add_model_args(p)
+    p.set_defaults(model=None)
+    p.add_argument(
+        "--task",
+        required=True,
+        choices=["sva-simple", "sva-nounpp", "sva-rc", "sva-within-rc"],
+        help="which task",
+    )
+    p.add_argument("--out", default="data", help="output folder")
+    p.add_argument("--n", type=int, default=None, help="number of pairs (default: all balanced combinations)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--test-fraction", type=float, default=0.2)
+
     sub.add_parser("models", help="list supported architecture families and model aliases")
     return parser
 
@@ -97,6 +167,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             from neurontrace.commands.inspect import run_inspect
 
             run_inspect(args)
+        elif args.command == "attribute":
+            from neurontrace.commands.attribute import run_attribute
+
+            run_attribute(args)
+        elif args.command == "tasks":
+            from neurontrace.commands.tasks import run_tasks
+
+            run_tasks(args)
         elif args.command == "models":
             from neurontrace.commands.models import run_models
 

@@ -222,6 +222,10 @@ def attribute(
         base = mean_activations(model, examples, site=site, layers=layers, batch_size=batch_size)
 
     width = site_width(model, site)
+    for start in range(0, len(examples), 256):  # fail on bad examples before any compute or progress bar
+        chunk = examples[start : start + 256]
+        metric_obj, forced = _metric_for(model, chunk, metric, metric_fn, topk)
+        _tokenize(model, chunk, metric_obj if forced else None)
     fingerprint = _fingerprint(model, examples, config)
     state = None
     if checkpoint is not None:
@@ -390,3 +394,50 @@ class _State:
         state.pos_sum, state.pos_act_sum = tensors.pop("pos_sum", None), tensors.pop("pos_act_sum", None)
         state.t = {name: [value] for name, value in tensors.items()}
         return state
+
+
+def verify_top(
+    model: NeuronModel,
+    result: AttributionResult,
+    *,
+    k: int = 10,
+    prompt: str,
+    answer: str | None = None,
+    contrast: str | None = None,
+    counterfactual: str | None = None,
+    metric: str | None = None,
+    baseline: torch.Tensor | None = None,
+) -> list[float]:
+    """Exact activation patching of a one-prompt result's top ``k`` (per-position) nodes, in ``top`` order.
+
+    Each value is on the result's scale: ``m(patched) - m(clean)`` for a counterfactual, else
+    ``m(clean) - m(node set to the baseline)``.
+    """
+    from neurontrace.attribution.engine import patch_effects
+
+    if result.n_examples != 1 or result.mean_scores is None:
+        raise NeurontraceError("verification patches the nodes of a single-prompt result")
+    examples = [Example(prompt, counterfactual, answer, contrast)]
+    kind = metric or result.meta["metric"]
+    metric_obj, forced = _metric_for(model, examples, kind, None, 5)
+    clean, patch = _tokenize(model, examples, metric_obj if forced else None)
+    layers, site = result.layers, result.meta["site"]
+    if metric_obj.kind == "topk":
+        with torch.no_grad():
+            metric_obj.answer = model.forward(clean, logits_to_keep=1).logits[:, -1].topk(5).indices.cpu()
+    acts = run_sites(model, clean, metric_obj, site=site, layers=layers, grad=False)
+    m_clean = acts.metric[0]
+    if patch is not None:
+        run = run_sites(model, patch, metric_obj, site=site, layers=layers, grad=False)
+        values = torch.stack([run.acts[layer] for layer in layers], dim=1)
+    else:
+        shape = torch.stack([acts.acts[layer] for layer in layers], dim=1)
+        values = torch.zeros_like(shape) if baseline is None else baseline[None, :, None, :].expand_as(shape)
+    nodes = result.top(k, per_position=True)
+    sets = [[(layers.index(n.layer), n.position, n.neuron)] for n in nodes]
+    with torch.no_grad():
+        patched = patch_effects(
+            model, clean, metric_obj, site=site, layers=layers, node_sets=sets, values=values
+        )[:, 0]
+    change = patched - m_clean
+    return [float(c) if patch is not None else float(-c) for c in change]
