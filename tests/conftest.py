@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import os
 
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before transformers/huggingface_hub read it
+
 import pytest
 import torch
 import torch.nn.functional as F
 import transformers as tf
-
-os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 WORDS = (
     "the a keys key to cabinet cabinets are is of that on table tables dog dogs runs run near "

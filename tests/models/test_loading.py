@@ -54,12 +54,19 @@ def _one_line(exc: pytest.ExceptionInfo) -> str:
     return message
 
 
-def test_unknown_hub_id_offline(monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+@pytest.mark.parametrize("offline_env", ["1", "0"])
+def test_unknown_hub_id_without_network_fails_fast(monkeypatch, offline_env):
+    """Offline (env) or unreachable (no DNS here): one line, and no 25 s of hub retries."""
+    import time
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", offline_env)
+    monkeypatch.setattr("neurontrace.models.loading.hub_reachable", lambda: False)
+    start = time.perf_counter()
     with pytest.raises(ModelLoadError) as info:
         load_model("no-such-org/no-such-model")
     message = _one_line(info)
-    assert "no-such-org/no-such-model" in message and "Hugging Face Hub" in message
+    assert "no-such-org/no-such-model" in message and "Hugging Face" in message
+    assert time.perf_counter() - start < 10
 
 
 @pytest.mark.parametrize("spec", ["./missing-model", "/nowhere/model.gguf", "missing.gguf", "a/b/c", ""])

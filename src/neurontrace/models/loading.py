@@ -108,6 +108,28 @@ def _torch_dtype(dtype: Any) -> Any:
     return names[dtype]
 
 
+def hub_reachable(timeout_s: float = 2.0) -> bool:
+    """Whether the Hugging Face Hub's host name resolves (fails at once without a network).
+
+    Without this check, huggingface_hub retries a failed lookup with back-off for about 25 s before giving up.
+    """
+    import socket
+    from urllib.parse import urlparse
+
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
+        return False
+    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
+    previous = socket.getdefaulttimeout()
+    try:
+        socket.setdefaulttimeout(timeout_s)
+        socket.getaddrinfo(host, 443)
+        return True
+    except OSError:
+        return False
+    finally:
+        socket.setdefaulttimeout(previous)
+
+
 def _device(device: str | None) -> str:
     import torch
 
@@ -242,24 +264,35 @@ def load_model(
     location = resolved.location
     if resolved.kind == "gguf":
         location = str(convert_gguf(Path(location), progress=True))
+    local_only = resolved.kind == "hub" and not hub_reachable()  # then only the local hub cache is tried
     try:
-        config = AutoConfig.from_pretrained(location, trust_remote_code=trust_remote_code)
+        config = AutoConfig.from_pretrained(
+            location, trust_remote_code=trust_remote_code, local_files_only=local_only
+        )
     except Exception as exc:
         where = (
             "the Hugging Face Hub (offline, or no such repository?)" if resolved.kind == "hub" else location
         )
+        if local_only:
+            where = "the local Hugging Face cache (the Hub is not reachable from here)"
         raise ModelLoadError(
             f"could not load model {spec!r}: it is not an alias ({', '.join(ALIASES)}), a local file or "
             f"folder, and {where} gave: {_first_line(exc)}"
         ) from None
     model_type = getattr(config, "model_type", "?")
     adapter = adapter_for(model_type)
-    kwargs: dict[str, Any] = {"dtype": _torch_dtype(dtype), "trust_remote_code": trust_remote_code}
+    kwargs: dict[str, Any] = {
+        "dtype": _torch_dtype(dtype),
+        "trust_remote_code": trust_remote_code,
+        "local_files_only": local_only,
+    }
     if device_map is not None:
         kwargs["device_map"] = device_map
     try:
         hf = AutoModelForCausalLM.from_pretrained(location, config=config, **kwargs)
-        tokenizer = AutoTokenizer.from_pretrained(location, trust_remote_code=trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(
+            location, trust_remote_code=trust_remote_code, local_files_only=local_only
+        )
     except NeurontraceError:
         raise
     except Exception as exc:
