@@ -23,9 +23,10 @@ $(STAMP): pyproject.toml Makefile
 
 install: $(STAMP)
 
+# The main job: trace and prove a subject-verb agreement circuit on the embedded model (a few minutes on 2 cores).
 demo: $(STAMP)
-	$(VENV)/bin/neurontrace inspect --model smollm2-135m --prompt "The keys to the cabinet" --top 5 \
-		--answer " are" --contrast " is" --counterfactual "The key to the cabinets" --zero L24/N6,L28/N1095
+	$(VENV)/bin/neurontrace evaluate --model smollm2-135m --task sva-nounpp --methods relp,atp \
+		--bases neurons,mlp-out,resid --ablation mean --n-train 64 --n-test 32 --points 16 --out results/demo
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks

@@ -149,6 +149,10 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--test-fraction", type=float, default=0.2)
 
+    from neurontrace.commands.evaluate import add_evaluate_parser
+
+    add_evaluate_parser(sub, _add_model_args)
+
     sub.add_parser("models", help="list supported architecture families and model aliases")
     return parser
 
@@ -175,6 +179,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             from neurontrace.commands.tasks import run_tasks
 
             run_tasks(args)
+        elif args.command == "evaluate":
+            from neurontrace.commands.evaluate import run_evaluate
+
+            run_evaluate(args)
         elif args.command == "models":
             from neurontrace.commands.models import run_models
 

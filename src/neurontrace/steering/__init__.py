@@ -1,0 +1,25 @@
+"""Steering: edit chosen neurons (scale, set, add, patch) and measure the change in prediction and generated text."""
+
+from neurontrace.steering.steer import (
+    MODES,
+    AnswerChange,
+    SteerResult,
+    SweepResult,
+    check_neurons,
+    greedy_generate,
+    steer,
+    steering_edits,
+    sweep,
+)
+
+__all__ = [
+    "MODES",
+    "AnswerChange",
+    "SteerResult",
+    "SweepResult",
+    "check_neurons",
+    "greedy_generate",
+    "steer",
+    "steering_edits",
+    "sweep",
+]
