@@ -48,6 +48,37 @@ class RelPRules:
 NO_RULES = RelPRules(norm=False, attention=False, nonlinearity=False, gate="plain")
 
 
+class FrozenFactors:
+    """The detached factors of one clean pass (attention q/k, norm scales, activation ratios, gate factors).
+
+    Pass it to :func:`replacement_model` twice: first recording (``replaying=False``, a normal forward), then
+    replaying, when every rule uses the recorded factors instead of recomputing them. The replaying model is the
+    linear function whose derivatives RelP scores and graph edges are, so perturbing an input of it changes an
+    output by exactly derivative * perturbation: the ground truth for edge tests.
+    """
+
+    def __init__(self) -> None:
+        self.store: dict[tuple, list[torch.Tensor]] = {}
+        self.cursor: dict[tuple, int] = {}
+        self.replaying = False
+
+    def factor(self, key: tuple, value: torch.Tensor) -> torch.Tensor:
+        if not self.replaying:
+            self.store.setdefault(key, []).append(value.detach())
+            return value
+        i = self.cursor.get(key, 0)
+        self.cursor[key] = i + 1
+        return self.store[key][i]
+
+    def start_pass(self) -> None:
+        self.cursor.clear()
+
+
+def _promote(x: torch.Tensor) -> torch.Tensor:
+    """At least float32 (bf16/fp16 models), but float64 stays float64."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
 def _swap_gradient(value: torch.Tensor, lin: torch.Tensor) -> torch.Tensor:
     """``value`` in the forward pass, the gradient of ``lin`` in the backward pass."""
     return value.detach() + (lin - lin.detach()).to(value.dtype)
@@ -61,36 +92,76 @@ def _norm_eps(module: nn.Module) -> float:
     return 1e-5  # OLMo's parameter-free LayerNorm hard-codes this
 
 
-def _norm_hook(module: nn.Module, kind: str):
+def _apply(value: torch.Tensor, lin: torch.Tensor, frozen: FrozenFactors | None) -> torch.Tensor:
+    """The rule's output: the original value with the gradient of ``lin``, or ``lin`` itself when replaying."""
+    if frozen is not None and frozen.replaying:
+        return lin.to(value.dtype)
+    return _swap_gradient(value, lin)
+
+
+def _norm_hook(module: nn.Module, kind: str, frozen: FrozenFactors | None = None):
     eps = _norm_eps(module)
 
     def hook(_mod: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor:
         x = args[0]
-        xf = x.float()
+        xf = _promote(x)
         weight = getattr(module, "weight", None)
         if kind == "layernorm":
             centred = xf - xf.mean(-1, keepdim=True)
-            scale = torch.rsqrt(centred.pow(2).mean(-1, keepdim=True) + eps)
-            lin = centred * scale.detach()
+            scale = torch.rsqrt(centred.pow(2).mean(-1, keepdim=True) + eps).detach()
         else:
-            scale = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-            lin = xf * scale.detach()
+            centred = xf
+            scale = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps).detach()
+        if frozen is not None:
+            scale = frozen.factor(("norm", id(module)), scale)
+        lin = centred * scale
         if weight is not None:
-            w = weight.float()
+            w = _promote(weight)
             lin = lin * (1.0 + w if kind == "rms_offset" else w)
         bias = getattr(module, "bias", None)
         if bias is not None:  # LayerNorm's additive bias keeps its own (plain) gradient
-            lin = lin + bias.float()
-        return _swap_gradient(out, lin)
+            lin = lin + _promote(bias)
+        return _apply(out, lin, frozen)
 
     return hook
 
 
-def _identity_rule(z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+def _identity_rule(
+    z: torch.Tensor, y: torch.Tensor, frozen: FrozenFactors | None = None, key: tuple = ()
+) -> torch.Tensor:
     """``y = f(z)`` elementwise, re-expressed as ``z * (y / z)`` with the ratio detached."""
-    zf, yf = z.float(), y.float()
-    ratio = torch.where(zf == 0, torch.zeros_like(zf), yf / torch.where(zf == 0, torch.ones_like(zf), zf))
-    return _swap_gradient(y, zf * ratio.detach())
+    zf, yf = _promote(z), _promote(y)
+    ratio = torch.where(
+        zf == 0, torch.zeros_like(zf), yf / torch.where(zf == 0, torch.ones_like(zf), zf)
+    ).detach()
+    if frozen is not None:
+        ratio = frozen.factor(key, ratio)
+    return _apply(y, zf * ratio, frozen)
+
+
+def _identity_hook(key: tuple, frozen: FrozenFactors | None):
+    """Identity rule on an activation module's output."""
+
+    def hook(_mod: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor:
+        return _identity_rule(args[0], out, frozen, key)
+
+    return hook
+
+
+def _frozen_qk(key: tuple, frozen: FrozenFactors | None, v_mask: torch.Tensor | None = None):
+    """AH rule: queries and keys are constants (so is the attention pattern); values keep their gradient.
+
+    ``v_mask`` marks the value columns of a fused q/k/v projection.
+    """
+
+    def fn(y: torch.Tensor) -> torch.Tensor:
+        fixed = y.detach() if frozen is None else frozen.factor(key, y.detach())
+        if v_mask is None:
+            return fixed
+        m = v_mask.to(y.device, y.dtype)
+        return fixed * (1 - m) + y * m  # exact: m is 0 or 1
+
+    return fn
 
 
 class _MLPState:
@@ -104,8 +175,8 @@ class _MLPState:
 class Replacement:
     """Handle of an active replacement model (from :func:`replacement_model`)."""
 
-    def __init__(self, model: NeuronModel, rules: RelPRules) -> None:
-        self.model, self.rules = model, rules
+    def __init__(self, model: NeuronModel, rules: RelPRules, frozen: FrozenFactors | None = None) -> None:
+        self.model, self.rules, self.frozen = model, rules, frozen
         self._unembed_out: torch.Tensor | None = None
 
     def logits(self, output: Any) -> torch.Tensor:
@@ -114,19 +185,24 @@ class Replacement:
         cap = self.model.logit_softcap
         if cap is None or not self.rules.nonlinearity or self._unembed_out is None:
             return logits
-        return _identity_rule(self._unembed_out, logits)
+        return _identity_rule(self._unembed_out, logits, self.frozen, ("softcap",))
 
 
 @contextmanager
-def replacement_model(model: NeuronModel, rules: RelPRules | None = None) -> Iterator[Replacement]:
+def replacement_model(
+    model: NeuronModel, rules: RelPRules | None = None, frozen: FrozenFactors | None = None
+) -> Iterator[Replacement]:
     """Turn ``model`` into its RelP replacement model inside the block (forward values unchanged).
 
     Hooks installed here must run *before* any capture hook on the same module, so enter this context first.
+    With ``frozen`` (see :class:`FrozenFactors`) the rules record their detached factors, or replay them.
     """
     rules = rules or RelPRules()
     a = model.adapter
-    handle = Replacement(model, rules)
+    handle = Replacement(model, rules, frozen)
     handles: list = []
+    if frozen is not None:
+        handles.append(model.hf.register_forward_pre_hook(lambda *_: frozen.start_pass()))
     seen: set[int] = set()
 
     def once(module: nn.Module) -> bool:
@@ -144,30 +220,24 @@ def replacement_model(model: NeuronModel, rules: RelPRules | None = None) -> Ite
                         norms.append(model.layer_module(layer, path))
             for m in norms:
                 if once(m):
-                    handles.append(m.register_forward_hook(_norm_hook(m, a.norm_kind)))
+                    handles.append(m.register_forward_hook(_norm_hook(m, a.norm_kind, frozen)))
         if rules.attention:
             for layer in range(model.n_layers):
                 if a.qkv is None:
                     for path in (a.q, a.k):
-                        handles.append(add_output_hook(model.layer_module(layer, path), lambda y: y.detach()))
+                        module = model.layer_module(layer, path)
+                        handles.append(add_output_hook(module, _frozen_qk(("qk", id(module)), frozen)))
                 else:
                     qkv = model.layer_module(layer, a.qkv)
                     mask = a.v_column_mask(
                         model.config, qkv.out_features if hasattr(qkv, "out_features") else qkv.nf
                     )
-
-                    def fused(y: torch.Tensor, mask=mask) -> torch.Tensor:
-                        m = mask.to(y.device, y.dtype)
-                        return y.detach() + (y - y.detach()) * m
-
-                    handles.append(add_output_hook(qkv, fused))
+                    handles.append(add_output_hook(qkv, _frozen_qk(("qkv", id(qkv)), frozen, mask)))
         if rules.nonlinearity:
             acts = [model.layer_module(layer, a.act) for layer in range(model.n_layers)]
             for m in acts:
                 if once(m):
-                    handles.append(
-                        m.register_forward_hook(lambda _m, args, out: _identity_rule(args[0], out))
-                    )
+                    handles.append(m.register_forward_hook(_identity_hook(("act", id(m)), frozen)))
             if model.logit_softcap is not None:
 
                 def keep_unembed(y: torch.Tensor) -> None:
@@ -175,14 +245,14 @@ def replacement_model(model: NeuronModel, rules: RelPRules | None = None) -> Ite
 
                 handles.append(add_output_hook(model.unembed, keep_unembed))
         if a.gated and rules.gate != "plain":
-            handles += _gate_hooks(model, rules.gate)
+            handles += _gate_hooks(model, rules.gate, frozen)
         yield handle
     finally:
         for h in handles:
             h.remove()
 
 
-def _gate_hooks(model: NeuronModel, gate_rule: GateRule) -> list:
+def _gate_hooks(model: NeuronModel, gate_rule: GateRule, frozen: FrozenFactors | None = None) -> list:
     """Half rule (or no-gate variant) on ``act(gate) * up`` at every layer's neuron site."""
     a = model.adapter
     state = _MLPState()
@@ -200,9 +270,12 @@ def _gate_hooks(model: NeuronModel, gate_rule: GateRule) -> list:
         state.gate = state.up = None
         if g is None or u is None or g.shape != x.shape:  # pragma: no cover - unexpected module order
             raise RuntimeError("the gate/up factors were not seen before the down projection")
+        g_const, u_const = g.detach(), u.detach()
+        if frozen is not None:
+            g_const, u_const = frozen.factor(("gate", "g"), g_const), frozen.factor(("gate", "u"), u_const)
         if gate_rule == "detach":  # the no-gate variant: the gate is a constant
-            return _swap_gradient(x, g.detach() * u)
-        return _swap_gradient(x, 0.5 * (g * u.detach()) + 0.5 * (g.detach() * u))
+            return _apply(x, g_const * u, frozen)
+        return _apply(x, 0.5 * (g * u_const) + 0.5 * (g_const * u), frozen)
 
     for layer in range(model.n_layers):
         act = model.layer_module(layer, a.act)

@@ -1,0 +1,1 @@
+"""Per-prompt attribution graphs: construction, pruning, export (circuit-tracer/Neuronpedia JSON) and loading."""

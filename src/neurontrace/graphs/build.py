@@ -1,0 +1,289 @@
+"""Per-prompt attribution graphs in the neuron basis (METHOD.md section 6).
+
+Nodes: neurons selected by their RelP attribution to the target logits, every token embedding, and the target
+logits. Edges are *direct effects* in the replacement model: ``w(s -> t) = a_s * d a_t / d a_s`` with every MLP
+strictly between ``s`` and ``t`` frozen, so only residual and attention-OV paths count.
+
+How the edges are computed: one forward pass of the replacement model in which each layer's neuron-site tensor
+is swapped for a detached leaf that feeds the rest of the network, while the live tensor (a function of the
+earlier leaves and the embeddings) is kept as a target. The gradient of a live target with respect to an
+earlier leaf then never passes through an MLP: exactly the direct effect. One batched vector-Jacobian product per
+chunk of targets gives their edges from every source layer at once, and a batch of one prompt has no cross terms.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from neurontrace.attribution.engine import frozen_parameters, run_sites
+from neurontrace.attribution.metrics import make_metric
+from neurontrace.attribution.replacement import RelPRules, replacement_model
+from neurontrace.hooks import add_output_hook
+from neurontrace.models.model import NeuronModel
+from neurontrace.sites import hook_site
+from neurontrace.tokens import single_token_id, token_strings
+
+NEURON, EMBEDDING, LOGIT = "neuron", "embedding", "logit"
+
+
+@dataclass
+class GraphNode:
+    """One node. ``index`` is the neuron index for neurons and the token id for embeddings and logits."""
+
+    kind: str
+    layer: int  # -1 for embeddings, n_layers for logits
+    position: int
+    index: int
+    activation: float  # neuron activation; logit value for logits; 0 for embeddings
+    attribution: float = 0.0  # RelP node score a * dm/da (zero baseline); probability weight for logits
+    token: str = ""  # the prompt token at this position (for logits: the output token)
+    prob: float = 0.0  # logits: the token's probability
+    influence: float | None = None  # set by pruning
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def key(self) -> tuple[str, int, int, int]:
+        return (self.kind, self.layer, self.position, self.index)
+
+
+@dataclass
+class AttributionGraph:
+    """Nodes and dense edge matrices: ``adjacency[t, s]`` is the raw weight of the edge from s to t."""
+
+    prompt: str
+    tokens: list[str]
+    token_ids: list[int]
+    nodes: list[GraphNode]
+    adjacency: torch.Tensor  # [N, N] raw direct effects
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def n_layers(self) -> int:
+        return int(self.meta["n_layers"])
+
+    @property
+    def normalised(self) -> torch.Tensor:
+        """Edge weights divided by the target's activation (its logit for logit nodes)."""
+        act = torch.tensor([n.activation for n in self.nodes], dtype=self.adjacency.dtype)
+        safe = torch.where(act.abs() > 1e-12, act, torch.ones_like(act))
+        return torch.where(
+            act.abs()[:, None] > 1e-12, self.adjacency / safe[:, None], torch.zeros_like(self.adjacency)
+        )
+
+    def indices(self, kind: str) -> list[int]:
+        return [i for i, n in enumerate(self.nodes) if n.kind == kind]
+
+    @property
+    def n_edges(self) -> int:
+        return int((self.adjacency != 0).sum())
+
+
+def _chunk_size(model: NeuronModel, width: int, n_inputs: int, requested: int | None) -> int:
+    """Targets per vector-Jacobian product, from the memory each one needs (its gradients of every leaf)."""
+    if requested:
+        return max(1, requested)
+    per_target = width * n_inputs * 4 * 6  # gradients of every leaf plus backward intermediates, float32
+    if model.device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(model.device)
+    else:
+        free = 2 << 30
+        try:
+            with open("/proc/meminfo") as f:
+                for line in f:
+                    if line.startswith("MemAvailable:"):
+                        free = int(line.split()[1]) * 1024
+        except OSError:
+            pass
+    budget = int(os.environ.get("NEURONTRACE_EDGE_MEMORY", free // 4))
+    return int(max(1, min(512, budget // max(1, per_target))))
+
+
+def select_targets(
+    model: NeuronModel,
+    logits: torch.Tensor,
+    *,
+    answers: Sequence[str] | None,
+    max_logits: int,
+    logit_mass: float,
+) -> tuple[list[int], torch.Tensor]:
+    """Target token ids and their probabilities: the given answers, or the top tokens up to ``logit_mass``."""
+    probs = logits.float().softmax(-1)
+    if answers:
+        ids = [single_token_id(model, a) for a in answers]
+    else:
+        values, order = probs.sort(descending=True)
+        n = int((values.cumsum(0) < logit_mass).sum()) + 1
+        ids = order[: max(1, min(n, max_logits))].tolist()
+    return ids, probs[ids]
+
+
+def build_graph(
+    model: NeuronModel,
+    prompt: str,
+    *,
+    answers: Sequence[str] | None = None,
+    max_logits: int = 5,
+    logit_mass: float = 0.95,
+    node_threshold: float = 0.005,
+    max_nodes: int | None = 2000,
+    rules: RelPRules | None = None,
+    chunk_size: int | None = None,
+    progress: bool = False,
+) -> AttributionGraph:
+    """Build the attribution graph of one prompt.
+
+    Targets are ``answers`` (single tokens) or the most likely next tokens (at most ``max_logits``, until their
+    probability reaches ``logit_mass``). The metric ``m`` is the probability-weighted sum of the target logits; the
+    neurons kept are those with ``|a * dm/da| >= node_threshold * |m|`` (RelP, zero baseline), at most
+    ``max_nodes`` of the largest.
+    """
+    rules = rules or RelPRules()
+    batch = model.tokenize(prompt)
+    T = batch.width
+    layers = list(range(model.n_layers))
+    with torch.no_grad():
+        clean_logits = model.forward(batch, logits_to_keep=1).logits[0, -1]
+    target_ids, target_probs = select_targets(
+        model, clean_logits, answers=answers, max_logits=max_logits, logit_mass=logit_mass
+    )
+    weights = (target_probs / target_probs.sum()).to(torch.float32)
+
+    # 1. Node selection: RelP node scores (total effects) for the weighted target logits.
+    def weighted_logits(logits: torch.Tensor) -> torch.Tensor:
+        last = logits[:, -1].float()
+        return (last[:, target_ids] * weights.to(last.device)).sum(-1)
+
+    metric = make_metric("custom", fn=weighted_logits)
+    with frozen_parameters(model):
+        run = run_sites(model, batch, metric, site="neurons", layers=layers, rules=rules)
+        grads = torch.autograd.grad(run.metric.sum(), [run.acts[layer] for layer in layers])
+    m = float(run.metric[0])
+    acts = torch.stack([run.acts[layer][0].detach() for layer in layers]).float().cpu()  # [L, T, d]
+    scores = acts * torch.stack([g[0] for g in grads]).float().cpu()
+    flat = scores.flatten().abs()
+    keep = (flat >= node_threshold * abs(m)).nonzero().flatten()
+    if max_nodes is not None and keep.numel() > max_nodes:
+        keep = keep[flat[keep].topk(max_nodes).indices]
+    d = model.d_ff
+    chosen = sorted((int(i) // (T * d), (int(i) // d) % T, int(i) % d) for i in keep)
+
+    tokens = token_strings(model, batch.ids(0))
+    nodes = [GraphNode(EMBEDDING, -1, p, int(batch.input_ids[0, p]), 0.0, token=tokens[p]) for p in range(T)]
+    for layer, pos, unit in chosen:
+        nodes.append(
+            GraphNode(NEURON, layer, pos, unit, float(acts[layer, pos, unit]), float(scores[layer, pos, unit]),
+                      token=tokens[pos])
+        )  # fmt: skip
+    for tid, w, p in zip(target_ids, weights.tolist(), target_probs.tolist(), strict=True):
+        nodes.append(
+            GraphNode(LOGIT, model.n_layers, T - 1, tid, float(clean_logits[tid]), w, model.token_str(tid), p)
+        )
+
+    adjacency = direct_effects(model, batch, nodes, rules=rules, chunk_size=chunk_size, progress=progress)
+    meta = {
+        "model": model.name,
+        "family": model.adapter.family,
+        "n_layers": model.n_layers,
+        "d_ff": model.d_ff,
+        "metric": "probability-weighted sum of target logits",
+        "metric_value": m,
+        "node_threshold": node_threshold,
+        "max_nodes": max_nodes,
+        "rules": rules.to_dict(),
+        "neurons_above_threshold": int((flat >= node_threshold * abs(m)).sum()),
+    }
+    return AttributionGraph(prompt, tokens, batch.ids(0), nodes, adjacency, meta)
+
+
+def direct_effects(
+    model: NeuronModel,
+    batch,
+    nodes: Sequence[GraphNode],
+    *,
+    rules: RelPRules,
+    chunk_size: int | None = None,
+    progress: bool = False,
+) -> torch.Tensor:
+    """The ``[N, N]`` matrix of direct effects between ``nodes`` (row: target, column: source)."""
+    layers = list(range(model.n_layers))
+    live: dict[int, torch.Tensor] = {}
+    leaves: dict[int, torch.Tensor] = {}
+    embeds: list[torch.Tensor] = []
+
+    def swap(layer: int):
+        def fn(x: torch.Tensor) -> torch.Tensor:
+            live[layer] = x
+            leaves[layer] = x.detach().requires_grad_(True)
+            return leaves[layer]
+
+        return fn
+
+    def on_embed(y: torch.Tensor) -> torch.Tensor:
+        y = y.detach().requires_grad_(True)
+        embeds.append(y)
+        return y
+
+    with frozen_parameters(model), replacement_model(model, rules) as rep:
+        handles = [add_output_hook(model.embed, on_embed)]
+        handles += [hook_site(model, "neurons", layer, swap(layer)) for layer in layers]
+        try:
+            with torch.enable_grad():
+                logits = rep.logits(model.forward(batch, logits_to_keep=1))[0, -1]
+        finally:
+            for h in handles:
+                h.remove()
+        e = embeds[0]
+        index = {n.key: i for i, n in enumerate(nodes)}
+        neuron_nodes = [(i, n) for i, n in enumerate(nodes) if n.kind == NEURON]
+        target_rows = [i for i, n in enumerate(nodes) if n.kind in (NEURON, LOGIT)]
+        values = []
+        for i in target_rows:
+            n = nodes[i]
+            values.append(live[n.layer][0, n.position, n.index] if n.kind == NEURON else logits[n.index])
+        targets = torch.stack(values)
+        source_layers = sorted({n.layer for _, n in neuron_nodes})
+        inputs = [e] + [leaves[layer] for layer in source_layers]
+        by_layer = {layer: [(i, n) for i, n in neuron_nodes if n.layer == layer] for layer in source_layers}
+        N = len(nodes)
+        adjacency = torch.zeros(N, N)
+        k = _chunk_size(model, model.d_ff, len(inputs), chunk_size)
+        chunks = range(0, len(target_rows), k)
+        if progress:
+            from tqdm.auto import tqdm
+
+            chunks = tqdm(chunks, desc="graph edges", unit="chunk", leave=False)
+        T = batch.width
+        for start in chunks:
+            rows = target_rows[start : start + k]
+            K = len(rows)
+            onehot = torch.zeros(K, targets.shape[0], dtype=targets.dtype, device=targets.device)
+            onehot[torch.arange(K), torch.arange(start, start + K)] = 1.0
+            grads = torch.autograd.grad(
+                targets,
+                inputs,
+                grad_outputs=onehot,
+                is_grads_batched=True,
+                retain_graph=True,
+                allow_unused=True,
+            )
+            rows_t = torch.tensor(rows)
+            g_e = grads[0]
+            if g_e is not None:
+                emb = (e.detach()[None] * g_e).sum(-1)[:, 0].float().cpu()  # [K, T]
+                for p in range(T):
+                    adjacency[rows_t, index[(EMBEDDING, -1, p, int(batch.input_ids[0, p]))]] = emb[:, p]
+            for layer, g in zip(source_layers, grads[1:], strict=True):
+                if g is None:
+                    continue
+                members = by_layer[layer]
+                pos = torch.tensor([n.position for _, n in members])
+                unit = torch.tensor([n.index for _, n in members])
+                leaf = leaves[layer].detach()[0]
+                w = (leaf[pos, unit][None] * g[:, 0, pos, unit]).float().cpu()  # [K, n_sources]
+                adjacency[rows_t[:, None], torch.tensor([i for i, _ in members])[None, :]] = w
+    return adjacency
