@@ -149,9 +149,13 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--test-fraction", type=float, default=0.2)
 
+    from neurontrace.commands.describe import add_describe_parser
     from neurontrace.commands.evaluate import add_evaluate_parser
+    from neurontrace.commands.steer import add_steer_parser
 
     add_evaluate_parser(sub, _add_model_args)
+    add_steer_parser(sub, _add_model_args)
+    add_describe_parser(sub, _add_model_args)
 
     sub.add_parser("models", help="list supported architecture families and model aliases")
     return parser
@@ -183,6 +187,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             from neurontrace.commands.evaluate import run_evaluate
 
             run_evaluate(args)
+        elif args.command == "steer":
+            from neurontrace.commands.steer import run_steer
+
+            run_steer(args)
+        elif args.command == "describe":
+            from neurontrace.commands.describe import run_describe
+
+            run_describe(args)
         elif args.command == "models":
             from neurontrace.commands.models import run_models
 

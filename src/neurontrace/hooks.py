@@ -109,9 +109,15 @@ def track_positions(hf_model: nn.Module) -> Iterator[RunState]:
         if isinstance(mask, torch.Tensor) and mask.dim() == 2:
             state.pad = (mask.cumsum(dim=1) == 0).sum(dim=1)
             state.total = mask.shape[1]
-        else:
+        else:  # no mask (transformers drops an all-ones mask in generate): read the cache offset instead
             cache_position = kwargs.get("cache_position")
-            start = int(cache_position[0]) if isinstance(cache_position, torch.Tensor) else 0
+            cache = kwargs.get("past_key_values")
+            if isinstance(cache_position, torch.Tensor):
+                start = int(cache_position[0])
+            elif hasattr(cache, "get_seq_length"):
+                start = int(cache.get_seq_length())
+            else:
+                start = 0
             state.pad = torch.zeros(batch, dtype=torch.long, device=ids.device)
             state.total = start + chunk
         state.chunk = chunk

@@ -1,7 +1,8 @@
 """Where a neuron fires: its top-activating contexts over a text corpus, per polarity.
 
-The corpus is cut into windows of ``window`` tokens (each starting with the tokenizer's special prefix, e.g.
-BOS, whose positions are never counted: attention-sink activations there say nothing about the neuron). One
+The corpus is cut into windows of ``window`` tokens, each starting with the tokenizer's special prefix (e.g.
+BOS). A window's first position (the prefix, or the first text token when the tokenizer adds none) is never
+counted: it is the attention sink, with huge activations that say nothing about the neuron. One
 scan runs the windows in batches through :func:`neurontrace.sites.capture` for the layers asked and keeps, for
 *every* neuron of those layers and each polarity, the ``k`` largest activations (``+``) and the ``k`` most
 negative ones (``-``) with their window and position. The scan is cached on disk, one safetensors file per
@@ -53,8 +54,9 @@ SEED_PROMPTS = (
     "My",
     "Today",
 )
-GENERATE_BATCH = 16  # rows sampled at once for the "model" corpus
+GENERATE_BATCH = 32  # rows sampled at once for the "model" corpus
 _CHARS_PER_PIECE = 16_000  # long texts are tokenised in pieces split at whitespace
+_CHARS_PER_TOKEN = 32  # generous upper bound: text files are read up to max_tokens * this many characters
 
 
 @dataclass
@@ -83,7 +85,7 @@ class ContextsDescription:
     polarity: str
     contexts: list[Context]
     corpus: str
-    n_tokens: int  # tokens scanned
+    n_tokens: int  # tokens scanned (first window positions excluded)
     window: int
     schema_version: int = field(default=SCHEMA_VERSION)
 
@@ -96,7 +98,7 @@ class ContextsDescription:
 
 # ------------------------------------------------------------------------------------------------ corpus
 @dataclass
-class _Corpus:
+class Corpus:
     description: str
     fingerprint: str
     windows: Callable[[], list[list[int]]]  # builds the windows (may run the model for "model")
@@ -169,7 +171,9 @@ def _text_files(path: Path) -> list[Path]:
         return [path]
     files = sorted(p for p in path.rglob("*.txt") if p.is_file())
     if not files:
-        raise NeurontraceError(f"folder {path} has no .txt files; give a .txt file, a folder of them, or 'model'")
+        raise NeurontraceError(
+            f"folder {path} has no .txt files; give a .txt file, a folder of them, or 'model'"
+        )
     return files
 
 
@@ -177,7 +181,9 @@ def _hf_texts(spec: str) -> Iterator[str]:
     """Texts of a Hugging Face dataset ``NAME[:CONFIG][@SPLIT]``, streamed."""
     match = re.match(r"^(?P<name>[^:@]+)(?::(?P<config>[^@]+))?(?:@(?P<split>.+))?$", spec)
     if match is None:
-        raise NeurontraceError(f"cannot read dataset spec {spec!r}; write hf:NAME, hf:NAME:CONFIG or hf:NAME@SPLIT")
+        raise NeurontraceError(
+            f"cannot read dataset spec {spec!r}; write hf:NAME, hf:NAME:CONFIG or hf:NAME@SPLIT"
+        )
     try:
         import datasets
     except ImportError:
@@ -205,11 +211,14 @@ def _model_windows(model: NeuronModel, *, window: int, max_tokens: int, seed: in
     """Windows of text sampled from the model: continuations of ``SEED_PROMPTS`` (top-p 0.95, fixed seed, in
     batches of ``GENERATE_BATCH`` rows so that the text does not depend on the scan's batch size)."""
     tok = _tokenizer(model)
-    prompts = [encode(tok, p) for p in SEED_PROMPTS]
+    prefix = _special_prefix(tok)
+    prompts = [prefix + encode(tok, p, add_special_tokens=False) for p in SEED_PROMPTS]
     longest = max(len(p) for p in prompts)
     new = window - longest
     if new < 4:
-        raise NeurontraceError(f"window {window} is too short to sample text from the model; use at least {longest + 4}")
+        raise NeurontraceError(
+            f"window {window} is too short to sample text from the model; use at least {longest + 4}"
+        )
     n = math.ceil(max_tokens / new)
     rows = [prompts[i % len(prompts)] for i in range(n)]
     cuda = model.device.type == "cuda"
@@ -217,7 +226,7 @@ def _model_windows(model: NeuronModel, *, window: int, max_tokens: int, seed: in
     for start in range(0, n, GENERATE_BATCH):
         chunk = rows[start : start + GENERATE_BATCH]
         batch = Batch.from_ids(chunk, pad_id=pad_id_of(tok)).to(model.device)
-        devices = [model.device.index or 0] if cuda else []
+        devices = list(range(torch.cuda.device_count())) if cuda else []
         with torch.random.fork_rng(devices=devices), torch.no_grad():
             torch.manual_seed(seed + start)
             ids = model.hf.generate(
@@ -243,11 +252,11 @@ def resolve_corpus(
     window: int,
     max_tokens: int,
     seed: int = 0,
-) -> _Corpus:
+) -> Corpus:
     """What ``corpus`` names, its fingerprint (no model run) and how to build its windows."""
 
-    def texts_corpus(description: str, fingerprint: str, texts: Callable[[], Iterable[str]]) -> _Corpus:
-        return _Corpus(
+    def texts_corpus(description: str, fingerprint: str, texts: Callable[[], Iterable[str]]) -> Corpus:
+        return Corpus(
             description,
             fingerprint,
             lambda: windows_from_texts(model, texts(), window=window, max_tokens=max_tokens),
@@ -261,7 +270,7 @@ def resolve_corpus(
     spec = str(corpus)
     if spec == "model":
         fp = _sha("model", json.dumps([SEED_PROMPTS, seed, GENERATE_BATCH]))
-        return _Corpus(
+        return Corpus(
             "text sampled from the model",
             fp,
             lambda: _model_windows(model, window=window, max_tokens=max_tokens, seed=seed),
@@ -275,8 +284,13 @@ def resolve_corpus(
             f"corpus {spec!r} is not a file or folder; give a .txt file, a folder of .txt files, "
             "hf:DATASET or 'model' (text sampled from the model)"
         )
-    files = _text_files(path)
-    contents = [f.read_text(encoding="utf-8", errors="replace") for f in files]
+    contents, budget = [], max_tokens * _CHARS_PER_TOKEN  # read no more text than the windows can use
+    for f in _text_files(path):
+        with f.open(encoding="utf-8", errors="replace") as fh:
+            contents.append(fh.read(budget))
+        budget -= len(contents[-1])
+        if budget <= 0:
+            break
     fp = _sha("files", *contents)
     return texts_corpus(str(path), fp, lambda: contents)
 
@@ -297,7 +311,7 @@ def _weights_fingerprint(model: NeuronModel) -> str:
 
 
 def _cache_folder(
-    model: NeuronModel, corpus: _Corpus, *, window: int, max_tokens: int, cache_dir: str | Path | None
+    model: NeuronModel, corpus: Corpus, *, window: int, max_tokens: int, cache_dir: str | Path | None
 ) -> Path:
     from neurontrace.models.loading import neurontrace_home
 
@@ -361,7 +375,7 @@ def _scan(
     *,
     k: int,
     window: int,
-    n_prefix: int,
+    n_skip: int,
     batch_size: int,
     progress: bool,
 ) -> dict[int, _LayerTop]:
@@ -369,7 +383,10 @@ def _scan(
     d, device = model.d_ff, model.device
     best = {
         layer: [
-            (torch.full((k, d), -math.inf, device=device), torch.full((k, d), -1, dtype=torch.long, device=device))
+            (
+                torch.full((k, d), -math.inf, device=device),
+                torch.full((k, d), -1, dtype=torch.long, device=device),
+            )
             for _ in range(2)
         ]
         for layer in layers
@@ -385,11 +402,11 @@ def _scan(
         batch = Batch.from_ids(rows, pad_id=pad_id)
         acts = capture(model, batch, layers=layers, keep_logits=False)
         rel = torch.arange(batch.width)[None, :] - batch.pad[:, None]  # [B, T] position in the window
-        valid = (rel >= n_prefix) & batch.attention_mask.bool()
+        valid = (rel >= n_skip) & batch.attention_mask.bool()
         gid = (torch.arange(start, start + batch.size)[:, None] * window + rel).reshape(-1).to(device)
         valid = valid.reshape(-1).to(device)
         for layer in layers:
-            a = acts.get(layer).reshape(-1, d).float()
+            a = acts.get(layer).reshape(-1, d).float().to(device)  # layers may sit on other devices
             for pol, signed in enumerate((a, -a)):
                 values, ids = best[layer][pol]
                 cand = signed.masked_fill(~valid[:, None], -math.inf)
@@ -412,7 +429,9 @@ def _scan(
 
 
 def _ranges(layers: Sequence[int]) -> str:
-    return ",".join(str(x) for x in layers) if len(layers) <= 4 else f"{layers[0]}..{layers[-1]} ({len(layers)})"
+    return (
+        ",".join(str(x) for x in layers) if len(layers) <= 4 else f"{layers[0]}..{layers[-1]} ({len(layers)})"
+    )
 
 
 # ---------------------------------------------------------------------------------------------------- API
@@ -447,9 +466,14 @@ def top_contexts(
         raise NeurontraceError("k, max_tokens and batch_size must be at least 1")
     tok = _tokenizer(model)
     n_prefix = len(_special_prefix(tok))
-    limit = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
+    n_skip = max(n_prefix, 1)  # positions not counted at the start of a window (see the module docstring)
+    limit = getattr(model.config, "max_position_embeddings", None) or getattr(
+        model.config, "n_positions", None
+    )
     if window < n_prefix + 4 or (limit is not None and window > limit):
-        raise NeurontraceError(f"window must be between {n_prefix + 4} and {limit or 'the context size'} tokens")
+        raise NeurontraceError(
+            f"window must be between {n_prefix + 4} and {limit or 'the context size'} tokens"
+        )
     src = resolve_corpus(model, corpus, window=window, max_tokens=max_tokens, seed=seed)
     layers = sorted({n.layer for n in neurons})
     keep = max(k, CACHE_K)
@@ -461,10 +485,17 @@ def top_contexts(
         loaded = _load(folder / "windows.safetensors")
         if loaded is not None:
             tensors, _ = loaded
-            windows = [row[:n].tolist() for row, n in zip(tensors["tokens"], tensors["lengths"].tolist(), strict=True)]
+            windows = [
+                row[:n].tolist()
+                for row, n in zip(tensors["tokens"], tensors["lengths"].tolist(), strict=True)
+            ]
             for layer in layers:
                 cached = _load(folder / f"layer-{layer}.safetensors")
-                if cached is not None and cached[1].get("k", 0) >= k and cached[0]["values"].shape[-1] == model.d_ff:
+                if (
+                    cached is not None
+                    and cached[1].get("k", 0) >= k
+                    and cached[0]["values"].shape[-1] == model.d_ff
+                ):
                     tops[layer] = _LayerTop(cached[0]["values"], cached[0]["ids"].long())
     if windows is None:
         windows = src.windows()
@@ -475,11 +506,22 @@ def top_contexts(
             tokens = torch.full((len(windows), window), -1, dtype=torch.long)
             for i, w in enumerate(windows):
                 tokens[i, : len(w)] = torch.tensor(w)
-            _save(folder / "windows.safetensors", {"tokens": tokens, "lengths": lengths}, {"corpus": src.description})
+            _save(
+                folder / "windows.safetensors",
+                {"tokens": tokens, "lengths": lengths},
+                {"corpus": src.description},
+            )
     missing = [layer for layer in layers if layer not in tops]
     if missing:
         scanned = _scan(
-            model, windows, missing, k=keep, window=window, n_prefix=n_prefix, batch_size=batch_size, progress=progress
+            model,
+            windows,
+            missing,
+            k=keep,
+            window=window,
+            n_skip=n_skip,
+            batch_size=batch_size,
+            progress=progress,
         )
         for layer, top in scanned.items():
             tops[layer] = top
@@ -487,10 +529,16 @@ def top_contexts(
                 _save(
                     folder / f"layer-{layer}.safetensors",
                     {"values": top.values, "ids": top.ids.int()},
-                    {"model": model.name, "corpus": src.description, "layer": layer, "k": keep, "window": window},
+                    {
+                        "model": model.name,
+                        "corpus": src.description,
+                        "layer": layer,
+                        "k": keep,
+                        "window": window,
+                    },
                 )
 
-    n_tokens = sum(max(0, len(w) - n_prefix) for w in windows)
+    n_tokens = sum(max(0, len(w) - n_skip) for w in windows)
     strings: dict[int, str] = {}
 
     def text(i: int) -> str:
@@ -507,7 +555,9 @@ def top_contexts(
             pol = 0 if sign == "+" else 1
             top = tops[n.layer]
             contexts = []
-            for value, gid in zip(top.values[pol, :, n.index].tolist(), top.ids[pol, :, n.index].tolist(), strict=True):
+            for value, gid in zip(
+                top.values[pol, :, n.index].tolist(), top.ids[pol, :, n.index].tolist(), strict=True
+            ):
                 if gid < 0 or len(contexts) >= k or (value <= 0 if sign == "+" else value >= 0):
                     continue
                 w, p = divmod(int(gid), window)

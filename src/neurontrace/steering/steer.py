@@ -25,8 +25,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from io import BytesIO
 from pathlib import Path
@@ -35,7 +34,6 @@ from typing import Literal
 import torch
 
 from neurontrace.errors import InterventionError, NeurontraceError
-from neurontrace.hooks import hooks_removed_on_exit
 from neurontrace.inspection import TokenProb
 from neurontrace.interventions import Edit, intervene
 from neurontrace.io import write_bytes_atomic, write_text_atomic
@@ -248,7 +246,7 @@ def steering_edits(
                     neurons=indices,
                     positions=positions,
                     op="set",
-                    value=torch.tensor(sources[key]),
+                    value=torch.tensor(sources[(layer, pos)]),
                 )
             )
         else:
@@ -264,32 +262,6 @@ def steering_edits(
 
 
 # ------------------------------------------------------------------------------------------- generation
-@contextmanager
-def _explicit_attention_mask(model: NeuronModel) -> Iterator[None]:
-    """Give every forward pass of ``generate`` its full-width attention mask.
-
-    transformers 5 drops an all-ones attention mask before generating (and passes no ``cache_position``), so
-    :func:`neurontrace.hooks.track_positions` cannot see the cache offset and would take each new token for
-    position 0. This pre-hook runs before it and passes the equivalent explicit mask (ones over the cached and
-    the new columns), which changes no value the model computes.
-    """
-
-    def pre_hook(_mod: torch.nn.Module, args: tuple, kwargs: dict) -> tuple | None:
-        if kwargs.get("attention_mask") is not None:
-            return None
-        ids = kwargs.get("input_ids", args[0] if args else None)
-        if ids is None:
-            return None
-        cache = kwargs.get("past_key_values")
-        past = int(cache.get_seq_length()) if hasattr(cache, "get_seq_length") else 0
-        mask = torch.ones(ids.shape[0], past + ids.shape[1], dtype=torch.long, device=ids.device)
-        return args, {**kwargs, "attention_mask": mask}
-
-    with hooks_removed_on_exit() as handles:
-        handles.append(model.hf.register_forward_pre_hook(pre_hook, with_kwargs=True, prepend=True))
-        yield
-
-
 def greedy_generate(
     model: NeuronModel, batch: Batch, *, max_new_tokens: int, edits: Sequence[Edit] = ()
 ) -> list[list[int]]:
@@ -301,7 +273,7 @@ def greedy_generate(
     pad = pad_id_of(model.tokenizer) if model.tokenizer is not None else 0
     eos = model.hf.generation_config.eos_token_id
     eos = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
-    with _explicit_attention_mask(model), intervene(model, list(edits)), torch.no_grad():
+    with intervene(model, list(edits)), torch.no_grad():
         out = model.hf.generate(
             input_ids=batch.input_ids,
             attention_mask=batch.attention_mask,
