@@ -162,7 +162,7 @@ def build_graph(
     with frozen_parameters(model):
         run = run_sites(model, batch, metric, site="neurons", layers=layers, rules=rules)
         grads = torch.autograd.grad(run.metric.sum(), [run.acts[layer] for layer in layers])
-    m = float(run.metric[0])
+    m = float(run.metric[0].detach())
     acts = torch.stack([run.acts[layer][0].detach() for layer in layers]).float().cpu()  # [L, T, d]
     scores = acts * torch.stack([g[0] for g in grads]).float().cpu()
     flat = scores.flatten().abs()

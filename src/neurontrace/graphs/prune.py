@@ -1,0 +1,92 @@
+"""Pruning a graph by influence on the target logits (METHOD.md section 6).
+
+Rows of ``|A|`` are normalised to sum to 1, so ``A_n[t, s]`` is the share of target ``t``'s input that comes from
+``s``. A node's influence is the logit-weighted sum over all paths to the logits:
+``influence = w @ (A_n + A_n^2 + ...) = w @ A_n @ (I - A_n)^-1`` (the series is finite: the graph is acyclic).
+We keep the most influential neurons until they hold ``node_fraction`` of the total influence, then the edges
+(scored by the influence of their target times their share) until ``edge_fraction``, then drop neurons left
+without a path: no incoming edge, or no outgoing edge.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from neurontrace.graphs.build import LOGIT, NEURON, AttributionGraph
+
+
+def normalised_abs(adjacency: torch.Tensor) -> torch.Tensor:
+    a = adjacency.abs().double()
+    total = a.sum(1, keepdim=True)
+    return torch.where(total > 0, a / total.clamp_min(1e-300), torch.zeros_like(a))
+
+
+def node_influence(graph: AttributionGraph) -> torch.Tensor:
+    """Influence of every node on the (probability-weighted) target logits, ``[N]``; a logit's is its weight."""
+    a_n = normalised_abs(graph.adjacency)
+    w = torch.tensor([n.attribution if n.kind == LOGIT else 0.0 for n in graph.nodes], dtype=torch.float64)
+    eye = torch.eye(a_n.shape[0], dtype=torch.float64)
+    # row vector x = w A_n (I - A_n)^-1  <=>  x (I - A_n) = w A_n
+    x = torch.linalg.solve((eye - a_n).T, (w @ a_n)[:, None])[:, 0]
+    return torch.where(w > 0, w, x)
+
+
+def _cumulative_keep(values: torch.Tensor, fraction: float) -> torch.Tensor:
+    """Boolean mask of the largest ``values`` whose sum first reaches ``fraction`` of the total."""
+    keep = torch.zeros_like(values, dtype=torch.bool)
+    total = float(values.sum())
+    if total <= 0:
+        return keep
+    order = values.argsort(descending=True)
+    cumulative = values[order].cumsum(0) / total
+    n = int((cumulative < fraction - 1e-12).sum()) + 1
+    keep[order[: min(n, len(order))]] = True
+    return keep
+
+
+def prune_graph(
+    graph: AttributionGraph, *, node_fraction: float = 0.8, edge_fraction: float = 0.98
+) -> AttributionGraph:
+    """A smaller graph keeping the nodes and edges that carry most of the influence on the logits."""
+    influence = node_influence(graph)
+    kinds = [n.kind for n in graph.nodes]
+    is_neuron = torch.tensor([k == NEURON for k in kinds])
+    keep = ~is_neuron  # embeddings and logits always stay
+    keep |= is_neuron & _cumulative_keep(
+        torch.where(is_neuron, influence, torch.zeros_like(influence)), node_fraction
+    )
+    a_n = normalised_abs(graph.adjacency)
+    logit_weight = torch.tensor(
+        [n.attribution if n.kind == LOGIT else 0.0 for n in graph.nodes], dtype=torch.float64
+    )
+    edge_score = (influence + logit_weight)[:, None] * a_n
+    edge_score = edge_score * keep[:, None] * keep[None, :]
+    edge_keep = _cumulative_keep(edge_score.flatten(), edge_fraction).view_as(edge_score)
+    adjacency = torch.where(edge_keep, graph.adjacency, torch.zeros_like(graph.adjacency))
+    # drop neurons left dangling (repeat: removing one can strand another)
+    while True:
+        has_in = (adjacency != 0).any(1)
+        has_out = (adjacency != 0).any(0)
+        dangling = keep & is_neuron & ~(has_in & has_out)
+        if not dangling.any():
+            break
+        keep &= ~dangling
+        adjacency[dangling, :] = 0
+        adjacency[:, dangling] = 0
+    idx = keep.nonzero().flatten()
+    nodes = []
+    for i in idx.tolist():
+        node = graph.nodes[i]
+        nodes.append(type(node)(**{**node.__dict__, "influence": float(influence[i])}))
+    meta = {
+        **graph.meta,
+        "pruned": {
+            "node_fraction": node_fraction,
+            "edge_fraction": edge_fraction,
+            "nodes_before": len(graph.nodes),
+        },
+    }
+    pruned = AttributionGraph(
+        graph.prompt, graph.tokens, graph.token_ids, nodes, adjacency[idx][:, idx].clone(), meta
+    )
+    return pruned
