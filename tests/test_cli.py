@@ -155,3 +155,29 @@ def test_tasks_writes_train_and_test(tmp_path, capsys):
         load_pairs(tmp_path / "within_rc_test.jsonl"),
     )
     assert len(train) + len(test) == 40 and len(test) == 8
+
+
+def test_graph_writes_json_full_graph_and_viewer(folder, capsys, tmp_path):
+    from neurontrace.graphs.export import load_graph, validate_circuit_tracer
+    from neurontrace.viewer import graph_from_html
+
+    argv = [
+        "graph",
+        "--model",
+        folder,
+        "--prompt",
+        "the keys to the cabinet",
+        "--answer",
+        " are",
+        "--answer",
+        " is",
+    ]
+    assert main([*argv, "--out", str(tmp_path), "--slug", "keys", "--node-threshold", "0.01"]) == 0
+    out = capsys.readouterr().out
+    assert "neuron nodes" in out and "viewer (offline)" in out
+    data = json.loads((tmp_path / "keys.json").read_text())
+    validate_circuit_tracer(data)
+    assert {n["token"] for n in data["nodes"] if n["is_target_logit"]} == {"are", "is"}
+    assert all("top_tokens" in n for n in data["nodes"] if n["feature_type"] == "mlp neuron")
+    assert graph_from_html((tmp_path / "keys.html").read_text()) == data
+    assert load_graph(tmp_path / "keys.neurontrace.json").meta["model"] == folder

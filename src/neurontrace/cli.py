@@ -151,9 +151,11 @@ def _build_parser() -> argparse.ArgumentParser:
 
     from neurontrace.commands.describe import add_describe_parser
     from neurontrace.commands.evaluate import add_evaluate_parser
+    from neurontrace.commands.graph import add_graph_parser
     from neurontrace.commands.steer import add_steer_parser
 
     add_evaluate_parser(sub, _add_model_args)
+    add_graph_parser(sub, _add_model_args)
     add_steer_parser(sub, _add_model_args)
     add_describe_parser(sub, _add_model_args)
 
@@ -187,6 +189,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             from neurontrace.commands.evaluate import run_evaluate
 
             run_evaluate(args)
+        elif args.command == "graph":
+            from neurontrace.commands.graph import run_graph
+
+            run_graph(args)
         elif args.command == "steer":
             from neurontrace.commands.steer import run_steer
 

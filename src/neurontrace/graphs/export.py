@@ -95,12 +95,10 @@ def to_circuit_tracer(
             "run_idx": 0,
             "reverse_ctx_idx": T - 1 - n.position,
             "attribution": n.attribution,
-            "token": n.token if n.kind != LOGIT else graph.tokens[n.position],
+            "token": n.token,  # the output token for logits (the viewer labels logit nodes with it)
             "index": n.index,
             "influence_raw": n.influence,
         }
-        if n.kind == LOGIT:
-            node["output_token"] = n.token
         if describe is not None and n.kind == NEURON:
             node.update(describe(n))
         node.update(n.extra)
@@ -126,7 +124,7 @@ _NODE_ID = re.compile(r"^(E|\d+)_(\d+)_(\d+)$")
 _CORE_KEYS = {
     "node_id", "feature", "layer", "ctx_idx", "feature_type", "jsNodeId", "clerp", "influence", "activation",
     "token_prob", "is_target_logit", "run_idx", "reverse_ctx_idx", "attribution", "token", "index",
-    "influence_raw", "output_token",
+    "influence_raw",
 }  # fmt: skip
 
 
@@ -147,7 +145,7 @@ def from_circuit_tracer(data: dict[str, Any]) -> AttributionGraph:
                 n_layers = int(match[1]) - 1
                 layer = n_layers
             extra = {k: v for k, v in raw.items() if k not in _CORE_KEYS}
-            token = raw.get("output_token", raw.get("token", "")) if kind == LOGIT else raw.get("token", "")
+            token = raw.get("token", "")
             node = GraphNode(
                 kind=kind,
                 layer=layer,
