@@ -13,10 +13,12 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
+import bench_attribution
+import bench_graph
 import bench_load
 from common import machine
 
-BENCHMARKS = [bench_load]
+BENCHMARKS = [bench_load, bench_attribution, bench_graph]
 
 
 def main() -> None:
