@@ -21,7 +21,7 @@ from neurontrace.tasks import Pair, filter_pairs, generate_sva, load_pairs
 from neurontrace.tokens import single_token_id, tokenize_pairs
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "sva" / "nounpp_test.jsonl"
-N_EXAMPLES = int(os.environ.get("NT_BENCH_EXAMPLES", "64"))
+N_EXAMPLES = int(os.environ.get("NT_BENCH_EXAMPLES", "32"))
 N_TOP, N_RANDOM = 200, 200
 
 
@@ -91,6 +91,10 @@ def faithfulness(model, pairs) -> dict:
     methods = {
         "relp": dict(method="relp"),
         "relp (no-gate variant)": dict(method="relp", rules=RelPRules(gate="detach")),
+        "relp without the norm rule": dict(method="relp", rules=RelPRules(norm=False)),
+        "relp without the attention rule": dict(method="relp", rules=RelPRules(attention=False)),
+        "relp without the identity rule": dict(method="relp", rules=RelPRules(nonlinearity=False)),
+        "relp without the half rule": dict(method="relp", rules=RelPRules(gate="plain")),
         "atp": dict(method="atp"),
         "ig (activations, 16 steps)": dict(method="ig", steps=16, max_rows=128),
         "ig-inputs (16 steps)": dict(method="ig-inputs", steps=16, max_rows=128),
