@@ -15,10 +15,11 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 import bench_attribution
 import bench_graph
+import bench_ig_rule
 import bench_load
 from common import machine
 
-BENCHMARKS = [bench_load, bench_attribution, bench_graph]
+BENCHMARKS = [bench_load, bench_attribution, bench_graph, bench_ig_rule]
 
 
 def main() -> None:
