@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import torch
 
 from neurontrace.errors import NeurontraceError
 from neurontrace.interventions import Edit, intervene
+from neurontrace.io import JsonResult
 from neurontrace.models.model import NeuronModel
 from neurontrace.neurons import NeuronId
 from neurontrace.sites import capture
@@ -51,7 +51,7 @@ class ZeroEffect:
 
 
 @dataclass
-class InspectResult:
+class InspectResult(JsonResult):
     model: str
     prompt: str
     tokens: list[str]
@@ -63,9 +63,6 @@ class InspectResult:
     counterfactual: str | None = None
     most_changed: list[ActiveNeuron] = field(default_factory=list)  # activation(clean) - activation(cf)
     schema_version: int = field(default=SCHEMA_VERSION)
-
-    def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=2)
 
 
 def _top_tokens(model: NeuronModel, logits: torch.Tensor, k: int) -> list[TokenProb]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from pathlib import Path
@@ -26,3 +27,16 @@ def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> Path:
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
     return write_bytes_atomic(path, text.encode("utf-8"))
+
+
+class JsonResult:
+    """Mixin for result dataclasses: ``to_json()`` (all fields) and an atomic ``save(path)``."""
+
+    def to_json(self) -> str:
+        from dataclasses import asdict
+
+        return json.dumps(asdict(self), indent=2)
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write the result as JSON, atomically."""
+        return write_text_atomic(path, self.to_json())

@@ -51,3 +51,17 @@ def parse_neurons(text: str) -> list[NeuronId]:
     if not parts:
         raise NeurontraceError("no neurons given; write them as L<layer>/N<index>, comma-separated")
     return [parse_neuron(p) for p in parts]
+
+
+def check_neuron(model, neuron: NeuronId) -> NeuronId:
+    """``neuron`` if it exists in ``model`` (anything with ``n_layers`` and ``d_ff``), else a clear error."""
+    if not isinstance(neuron, NeuronId):
+        raise NeurontraceError(
+            f"{neuron!r} is not a NeuronId; parse text with neurontrace.neurons.parse_neuron"
+        )
+    if not 0 <= neuron.layer < model.n_layers or not 0 <= neuron.index < model.d_ff:
+        raise NeurontraceError(
+            f"neuron {neuron} does not exist; the model has layers 0..{model.n_layers - 1} "
+            f"and neurons 0..{model.d_ff - 1}"
+        )
+    return neuron

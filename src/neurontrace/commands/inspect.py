@@ -8,7 +8,7 @@ from neurontrace.commands._common import model_from_args
 from neurontrace.errors import NeurontraceError
 from neurontrace.inspection import InspectResult, inspect_prompt
 from neurontrace.io import write_text_atomic
-from neurontrace.neurons import parse_neurons
+from neurontrace.neurons import check_neuron, parse_neurons
 
 
 def format_result(result: InspectResult) -> str:
@@ -61,11 +61,7 @@ def run_inspect(args: argparse.Namespace) -> None:
     zero = [n for spec in args.zero for n in parse_neurons(spec)]
     model = model_from_args(args)
     for n in zero:
-        if not 0 <= n.layer < model.n_layers or not 0 <= n.index < model.d_ff:
-            raise NeurontraceError(
-                f"neuron {n} does not exist; the model has layers 0..{model.n_layers - 1} "
-                f"and neurons 0..{model.d_ff - 1}"
-            )
+        check_neuron(model, n)
     result = inspect_prompt(
         model,
         args.prompt,

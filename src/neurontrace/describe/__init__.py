@@ -4,15 +4,14 @@ over a corpus). :func:`describe` combines both."""
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from neurontrace.describe.contexts import Context, ContextsDescription, top_contexts
 from neurontrace.describe.writes import TokenEffect, WritesDescription, describe_writes, logit_effects
 from neurontrace.errors import NeurontraceError
-from neurontrace.io import write_text_atomic
+from neurontrace.io import JsonResult
 from neurontrace.models.model import NeuronModel
 from neurontrace.neurons import NeuronId
 
@@ -43,7 +42,7 @@ class PolarityDescription:
 
 
 @dataclass
-class NeuronDescription:
+class NeuronDescription(JsonResult):
     """Both parts for one neuron: one polarity if its id has a sign (``L5/N3-``), both otherwise."""
 
     model: str
@@ -52,12 +51,6 @@ class NeuronDescription:
     index: int
     polarities: list[PolarityDescription]
     schema_version: int = field(default=SCHEMA_VERSION)
-
-    def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=2)
-
-    def save(self, path: str | Path) -> Path:
-        return write_text_atomic(path, self.to_json())
 
     def format(self) -> str:
         """A text rendering; tokens are shown with repr so that spaces and markup are visible."""

@@ -23,7 +23,7 @@ import json
 import math
 import re
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +31,7 @@ import torch
 
 from neurontrace.describe.writes import check_neuron
 from neurontrace.errors import NeurontraceError
-from neurontrace.io import write_bytes_atomic, write_text_atomic
+from neurontrace.io import JsonResult, write_bytes_atomic
 from neurontrace.models.model import NeuronModel
 from neurontrace.neurons import NeuronId
 from neurontrace.sites import capture
@@ -76,7 +76,7 @@ class Context:
 
 
 @dataclass
-class ContextsDescription:
+class ContextsDescription(JsonResult):
     """The top-activating contexts of one neuron for one polarity."""
 
     neuron: str  # "L5/N3+"
@@ -88,12 +88,6 @@ class ContextsDescription:
     n_tokens: int  # tokens scanned (first window positions excluded)
     window: int
     schema_version: int = field(default=SCHEMA_VERSION)
-
-    def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=2)
-
-    def save(self, path: str | Path) -> Path:
-        return write_text_atomic(path, self.to_json())
 
 
 # ------------------------------------------------------------------------------------------------ corpus

@@ -14,17 +14,15 @@ ranking as it is; the vector is in pre-cap logit units.
 
 from __future__ import annotations
 
-import json
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from neurontrace.errors import NeurontraceError
-from neurontrace.io import write_text_atomic
+from neurontrace.io import JsonResult
 from neurontrace.models.model import NeuronModel, has_module
-from neurontrace.neurons import NeuronId
+from neurontrace.neurons import NeuronId, check_neuron
 from neurontrace.tokens import token_strings
 
 SCHEMA_VERSION = 1
@@ -39,7 +37,7 @@ class TokenEffect:
 
 
 @dataclass
-class WritesDescription:
+class WritesDescription(JsonResult):
     """The tokens a neuron promotes and suppresses when it fires with the given polarity."""
 
     neuron: str  # "L5/N3+"
@@ -49,26 +47,6 @@ class WritesDescription:
     promoted: list[TokenEffect]
     suppressed: list[TokenEffect]
     schema_version: int = field(default=SCHEMA_VERSION)
-
-    def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=2)
-
-    def save(self, path: str | Path) -> Path:
-        return write_text_atomic(path, self.to_json())
-
-
-def check_neuron(model: NeuronModel, neuron: NeuronId) -> NeuronId:
-    """``neuron`` if it exists in ``model``, else a clear error."""
-    if not isinstance(neuron, NeuronId):
-        raise NeurontraceError(
-            f"{neuron!r} is not a NeuronId; parse text with neurontrace.neurons.parse_neuron"
-        )
-    if not 0 <= neuron.layer < model.n_layers or not 0 <= neuron.index < model.d_ff:
-        raise NeurontraceError(
-            f"neuron {neuron} does not exist; the model has layers 0..{model.n_layers - 1} "
-            f"and neurons 0..{model.d_ff - 1}"
-        )
-    return neuron
 
 
 def _norm_gain(model: NeuronModel, norm: nn.Module, x: torch.Tensor) -> torch.Tensor:

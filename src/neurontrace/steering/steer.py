@@ -23,10 +23,9 @@ acts on the raw activation whatever its sign: ``scale 2`` doubles it (a negative
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from io import BytesIO
 from pathlib import Path
 from typing import Literal
@@ -36,9 +35,9 @@ import torch
 from neurontrace.errors import InterventionError, NeurontraceError
 from neurontrace.inspection import TokenProb
 from neurontrace.interventions import Edit, intervene
-from neurontrace.io import write_bytes_atomic, write_text_atomic
+from neurontrace.io import JsonResult, write_bytes_atomic
 from neurontrace.models.model import NeuronModel
-from neurontrace.neurons import NeuronId
+from neurontrace.neurons import NeuronId, check_neuron
 from neurontrace.sites import capture
 from neurontrace.tokens import Batch, pad_id_of, single_token_id, token_strings
 
@@ -62,7 +61,7 @@ class AnswerChange:
 
 
 @dataclass
-class SteerResult:
+class SteerResult(JsonResult):
     """Next-token distribution before and after steering, answer changes, KL and (optionally) generated text."""
 
     model: str
@@ -82,16 +81,9 @@ class SteerResult:
     generated_ids_after: list[int] | None = None
     schema_version: int = field(default=SCHEMA_VERSION)
 
-    def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=2)
-
-    def save(self, path: str | Path) -> Path:
-        """Write the result as JSON, atomically."""
-        return write_text_atomic(path, self.to_json())
-
 
 @dataclass
-class SweepResult:
+class SweepResult(JsonResult):
     """Answer probabilities for each steering value (e.g. multipliers 0, 0.5, 1, 2, 4)."""
 
     model: str
@@ -106,13 +98,6 @@ class SweepResult:
     baseline_probs: list[float]  # [answer], unsteered
     top_tokens: list[str]  # the most likely next token at each value
     schema_version: int = field(default=SCHEMA_VERSION)
-
-    def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=2)
-
-    def save(self, path: str | Path) -> Path:
-        """Write the result as JSON, atomically."""
-        return write_text_atomic(path, self.to_json())
 
     def plot(self, path: str | Path, *, title: str | None = None) -> Path:
         """Write a PNG line plot of each answer's probability against the steering value (atomically)."""
@@ -151,15 +136,7 @@ def check_neurons(model: NeuronModel, neurons: Sequence[NeuronId]) -> list[Neuro
     if not neurons:
         raise NeurontraceError("no neurons given; name them as L<layer>/N<index>, e.g. L5/N123")
     for n in neurons:
-        if not isinstance(n, NeuronId):
-            raise NeurontraceError(
-                f"{n!r} is not a NeuronId; parse text with neurontrace.neurons.parse_neurons"
-            )
-        if not 0 <= n.layer < model.n_layers or not 0 <= n.index < model.d_ff:
-            raise NeurontraceError(
-                f"neuron {n} does not exist; the model has layers 0..{model.n_layers - 1} "
-                f"and neurons 0..{model.d_ff - 1}"
-            )
+        check_neuron(model, n)
     return neurons
 
 
