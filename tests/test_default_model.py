@@ -8,7 +8,7 @@ import pytest
 import torch
 from conftest import hand_neurons
 
-from neurontrace.hooks import add_input_hook
+from neurontrace.hooks import add_input_hook, add_output_hook
 from neurontrace.models.loading import file_sha256, gguf_cache_dir, resolve_spec
 from neurontrace.sites import capture
 from neurontrace.tokens import single_token_id
@@ -59,3 +59,28 @@ def test_real_model_batch_padding_and_hand_computed_neurons(default_model):
         alone = capture(m, m.tokenize(prompt), layers=[12])
         torch.testing.assert_close(batch.unpad(acts.logits, row), alone.logits[0], rtol=1e-4, atol=2e-4)
         torch.testing.assert_close(acts.unpadded(row, 12), alone.unpadded(0, 12), rtol=1e-4, atol=1e-4)
+
+
+def test_default_model_relp_conserves_the_logit(default_model):
+    from neurontrace.attribution.engine import frozen_parameters
+    from neurontrace.attribution.replacement import replacement_model
+
+    m = default_model
+    leaves = []
+
+    def leaf(y):
+        y = y.detach().requires_grad_(True)
+        leaves.append(y)
+        return y
+
+    batch = m.tokenize("The keys to the cabinet")
+    with frozen_parameters(m), replacement_model(m) as rep:
+        handle = add_output_hook(m.embed, leaf)
+        try:
+            logits = rep.logits(m.forward(batch))
+        finally:
+            handle.remove()
+    torch.testing.assert_close(logits.detach(), m.logits(batch), rtol=1e-4, atol=1e-4)
+    target = logits[0, -1, single_token_id(m, " are")]
+    (g,) = torch.autograd.grad(target, leaves)
+    assert float((leaves[0] * g).sum()) == pytest.approx(float(target), rel=1e-4)

@@ -41,3 +41,30 @@ def test_gemma_agreement(gemma):
     are, is_ = single_token_id(gemma, " are"), single_token_id(gemma, " is")
     diff = logits[:, are] - logits[:, is_]
     assert diff[0] > diff[1]
+
+
+def test_gemma_relp_replacement_is_exact_and_conserves(gemma):
+    from neurontrace.attribution.engine import frozen_parameters
+    from neurontrace.attribution.replacement import replacement_model
+    from neurontrace.hooks import add_output_hook
+
+    batch = gemma.tokenize(["The keys to the cabinet", "Hi"])
+    plain = gemma.logits(batch)
+    leaves = []
+
+    def leaf(y):
+        y = y.detach().requires_grad_(True)
+        leaves.append(y)
+        return y
+
+    with frozen_parameters(gemma), replacement_model(gemma) as rep:
+        handle = add_output_hook(gemma.embed, leaf)
+        try:
+            logits = rep.logits(gemma.forward(batch))
+        finally:
+            handle.remove()
+    torch.testing.assert_close(logits.detach(), plain, rtol=1e-4, atol=1e-4)
+    m = logits[0, -1].max()
+    (g,) = torch.autograd.grad(m, leaves)
+    total = float((leaves[0][0] * g[0]).sum())
+    assert total == pytest.approx(float(m), rel=1e-3)
