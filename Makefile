@@ -7,7 +7,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.neurontrace-installed
 PIP    := $(PY) -m pip install --disable-pip-version-check -q
 
-.PHONY: demo test test-slow bench lint format install clean
+.PHONY: demo test test-slow bench results lint format install clean
 
 $(STAMP): pyproject.toml Makefile
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -29,8 +29,8 @@ demo: $(STAMP)
 		--bases neurons,mlp-out,resid --ablation mean --n-train 64 --n-test 32 --points 16 --out results/demo
 
 test: $(STAMP)
-	$(VENV)/bin/ruff check src tests benchmarks
-	$(VENV)/bin/ruff format --check src tests benchmarks
+	$(VENV)/bin/ruff check src tests benchmarks scripts
+	$(VENV)/bin/ruff format --check src tests benchmarks scripts
 	$(PY) -m pytest -q
 
 # The slower tier: a second real architecture (Gemma 3 270M, GeGLU; ~45 s to convert once).
@@ -41,12 +41,22 @@ test-slow: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/run.py
 
+# The SVA circuit results of docs/results.md (about 40 minutes on 2 CPU cores).
+results: $(STAMP)
+	for task in sva-simple sva-nounpp sva-within-rc; do \
+		$(VENV)/bin/neurontrace evaluate --task $$task --methods relp,atp,random --bases neurons,mlp-out,resid \
+			--ablation mean --n-train 64 --n-test 32 --steps 8 --points 16 --out results/$$task-main || exit 1; \
+		$(VENV)/bin/neurontrace evaluate --task $$task --methods ig --bases neurons \
+			--ablation mean --n-train 32 --n-test 32 --steps 8 --points 16 --out results/$$task-ig || exit 1; \
+	done
+	$(PY) scripts/sva_results.py
+
 lint: $(STAMP)
-	$(VENV)/bin/ruff check src tests benchmarks
+	$(VENV)/bin/ruff check src tests benchmarks scripts
 
 format: $(STAMP)
-	$(VENV)/bin/ruff format src tests benchmarks
-	$(VENV)/bin/ruff check --fix src tests benchmarks
+	$(VENV)/bin/ruff format src tests benchmarks scripts
+	$(VENV)/bin/ruff check --fix src tests benchmarks scripts
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache src/*.egg-info
