@@ -172,12 +172,17 @@ def test_graph_writes_json_full_graph_and_viewer(folder, capsys, tmp_path):
         "--answer",
         " is",
     ]
-    assert main([*argv, "--out", str(tmp_path), "--slug", "keys", "--node-threshold", "0.01"]) == 0
+    assert (
+        main([*argv, "--out", str(tmp_path), "--slug", "keys", "--node-threshold", "0.01", "--supernodes"])
+        == 0
+    )
     out = capsys.readouterr().out
     assert "neuron nodes" in out and "viewer (offline)" in out
     data = json.loads((tmp_path / "keys.json").read_text())
     validate_circuit_tracer(data)
     assert {n["token"] for n in data["nodes"] if n["is_target_logit"]} == {"are", "is"}
     assert all("top_tokens" in n for n in data["nodes"] if n["feature_type"] == "mlp neuron")
+    ids = {n["node_id"] for n in data["nodes"]}
+    assert all(set(group[1:]) <= ids for group in data["qParams"]["supernodes"])
     assert graph_from_html((tmp_path / "keys.html").read_text()) == data
     assert load_graph(tmp_path / "keys.neurontrace.json").meta["model"] == folder

@@ -48,13 +48,27 @@ def examples_from(
     counterfactual: str | None = None,
     pairs: Sequence[Any] | None = None,
     dataset: str | os.PathLike | None = None,
+    prompts: Sequence[str] | None = None,
+    answers: Sequence[str] | None = None,
 ) -> list[Example]:
     """Normalise the accepted inputs into a list of :class:`Example`."""
-    given = sum(x is not None for x in (prompt, pairs, dataset))
+    given = sum(x is not None for x in (prompt, pairs, dataset, prompts))
     if given != 1:
-        raise NeurontraceError("give exactly one of: a prompt, a list of pairs, or a dataset file")
+        raise NeurontraceError(
+            "give exactly one of: a prompt, a list of prompts, a list of pairs, or a dataset file"
+        )
     if prompt is not None:
         return [Example(prompt, counterfactual, answer, contrast)]
+    if prompts is not None:
+        prompts = list(prompts)
+        answers = [None] * len(prompts) if answers is None else list(answers)
+        if len(answers) != len(prompts):
+            raise NeurontraceError(
+                f"{len(prompts)} prompts but {len(answers)} answers; give one answer per prompt"
+            )
+        if not prompts:
+            raise NeurontraceError("no prompts given; pass at least one prompt")
+        return [Example(p, None, a) for p, a in zip(prompts, answers, strict=True)]
     if dataset is not None:
         from neurontrace.tasks.pairs import load_pairs
 
@@ -146,6 +160,8 @@ def attribute(
     counterfactual: str | None = None,
     pairs: Sequence[Any] | None = None,
     dataset: str | os.PathLike | None = None,
+    prompts: Sequence[str] | None = None,
+    answers: Sequence[str] | None = None,
     method: str = "relp",
     metric: str | None = None,
     metric_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
@@ -166,8 +182,9 @@ def attribute(
 ) -> AttributionResult:
     """Attribute a metric to every unit at every layer and position.
 
-    Inputs: one ``prompt`` (with ``answer``, optional ``contrast`` and ``counterfactual``), or ``pairs``
-    (Marks-format dicts or :class:`neurontrace.tasks.Pair`), or a JSONL ``dataset``. The default metric is the
+    Inputs: one ``prompt`` (with ``answer``, optional ``contrast`` and ``counterfactual``), or ``prompts`` with
+    one answer each (unpaired, zero or mean baseline), or ``pairs`` (Marks-format dicts or
+    :class:`neurontrace.tasks.Pair`), or a JSONL ``dataset``. The default metric is the
     logit difference for pairs or a prompt with a contrast, else the answer's logit (``logprob`` teacher-forces
     multi-token answers). ``baseline`` (``zero`` or ``mean``) is used for prompts without a counterfactual.
     ``checkpoint`` names a file where partial results are saved every ``checkpoint_every_s`` seconds; a run
@@ -187,6 +204,8 @@ def attribute(
         counterfactual=counterfactual,
         pairs=pairs,
         dataset=dataset,
+        prompts=prompts,
+        answers=answers,
     )
     paired = examples[0].patch is not None
     if metric is None:

@@ -47,6 +47,12 @@ def run_graph(args: argparse.Namespace) -> None:
     out = Path(args.out)
     slug = args.slug or "graph"
     data = to_circuit_tracer(pruned, slug=slug, node_threshold=args.node_fraction, describe=describe)
+    groups = []
+    if args.supernodes:
+        from neurontrace.graphs.supernodes import find_supernodes, with_supernodes
+
+        groups = find_supernodes(pruned, distance_threshold=args.supernode_threshold)
+        data = with_supernodes(data, groups)
     import json
 
     json_path = write_text_atomic(out / f"{slug}.json", json.dumps(data))
@@ -91,5 +97,13 @@ def add_graph_parser(sub, add_model_args) -> None:
         "--edge-fraction", type=float, default=0.98, help="pruning: cumulative influence kept (edges)"
     )
     p.add_argument("--no-prune", action="store_true", help="export the unpruned graph")
+    p.add_argument(
+        "--supernodes",
+        action="store_true",
+        help="group neurons with similar input/output profiles into supernodes",
+    )
+    p.add_argument(
+        "--supernode-threshold", type=float, default=0.5, help="cosine distance for joining groups"
+    )
     p.add_argument("--slug", default=None, help="file name stem and graph slug (default: graph)")
     p.add_argument("--out", default="results/graph", help="output folder")
