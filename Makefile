@@ -41,13 +41,13 @@ test-slow: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/run.py
 
-# The SVA circuit results of docs/results.md (about 40 minutes on 2 CPU cores).
+# The SVA circuit results of docs/results.md (about 45 minutes on 2 CPU cores).
 results: $(STAMP)
 	for task in sva-simple sva-nounpp sva-within-rc; do \
 		$(VENV)/bin/neurontrace evaluate --task $$task --methods relp,atp,random --bases neurons,mlp-out,resid \
 			--ablation mean --n-train 64 --n-test 32 --steps 8 --points 16 --out results/$$task-main || exit 1; \
 		$(VENV)/bin/neurontrace evaluate --task $$task --methods ig --bases neurons \
-			--ablation mean --n-train 32 --n-test 32 --steps 8 --points 16 --out results/$$task-ig || exit 1; \
+			--ablation mean --n-train 64 --n-test 32 --steps 8 --points 16 --out results/$$task-ig || exit 1; \
 	done
 	$(PY) scripts/sva_results.py
 
