@@ -20,25 +20,41 @@ def plot_curves(curves: Sequence[Curve], path: str | Path, *, title: str = "") -
     import matplotlib.pyplot as plt
 
     fig, (ax_f, ax_c) = plt.subplots(1, 2, figsize=(13, 4.8), constrained_layout=True)
-    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    basis_colors = {
+        "neurons": "tab:blue",
+        "mlp_out": "tab:orange",
+        "resid": "tab:green",
+        "attn_out": "tab:purple",
+    }
+    method_styles = {
+        "relp": "-",
+        "atp": "--",
+        "ig": (0, (4, 1, 1, 1)),
+        "ig-inputs": (0, (4, 1, 1, 1)),
+        "exact": "-",
+        "random": "-.",
+    }
     randoms_drawn = set()
-    for i, curve in enumerate(curves):
+    for curve in curves:
         pts = [p for p in curve.points if p.n_nodes > 0]
         xs = [p.n_nodes for p in pts]
         label = f"{curve.method} / {curve.basis}"
-        color = colors[i % len(colors)]
-        ax_f.plot(xs, [p.faithfulness for p in pts], "-o", ms=3, color=color, label=label)
-        ax_c.plot(xs, [p.completeness for p in pts], "-o", ms=3, color=color, label=label)
+        color = basis_colors.get(curve.basis, "tab:red")
+        style = dict(ls=method_styles.get(curve.method, "-"), marker="o", ms=2.5, color=color, label=label)
+        if curve.method == "random":
+            style.update(alpha=0.5)
+        ax_f.plot(xs, [p.faithfulness for p in pts], **style)
+        ax_c.plot(xs, [p.completeness for p in pts], **style)
         if curve.basis not in randoms_drawn and any(p.random_faithfulness is not None for p in pts):
             randoms_drawn.add(curve.basis)
             rp = [p for p in pts if p.random_faithfulness is not None]
             ax_f.plot(
                 [p.n_nodes for p in rp],
                 [p.random_faithfulness for p in rp],
-                "--",
-                color="gray",
-                alpha=0.7,
-                label=f"random nodes / {curve.basis}",
+                ls=(0, (1, 3)),
+                color=color,
+                alpha=0.6,
+                label=f"random nodes of the same size / {curve.basis}",
             )
     for ax, name in ((ax_f, "faithfulness (1 is good)"), (ax_c, "completeness (0 is good)")):
         ax.set_xscale("log")
