@@ -84,3 +84,40 @@ def test_default_model_relp_conserves_the_logit(default_model):
     target = logits[0, -1, single_token_id(m, " are")]
     (g,) = torch.autograd.grad(target, leaves)
     assert float((leaves[0] * g).sum()) == pytest.approx(float(target), rel=1e-4)
+
+
+def test_zeroing_the_top_relp_neurons_breaks_agreement_and_random_ones_do_not(default_model):
+    """Issue 6 acceptance on the real model: the RelP circuit is causal, a random node set is not."""
+    from neurontrace.attribution.api import attribute
+    from neurontrace.attribution.metrics import make_metric
+    from neurontrace.interventions import Edit, intervene
+    from neurontrace.tasks import generate_sva, train_test_split
+    from neurontrace.tokens import tokenize_pairs
+
+    m = default_model
+    train, test = train_test_split(
+        generate_sva("nounpp", n=48, seed=0, tokenizer=m.tokenizer), test_fraction=1 / 3
+    )
+    scores = attribute(m, pairs=train, method="relp").mean_scores
+    L, T, d = scores.shape
+    clean, _ = tokenize_pairs(m, [p.clean_prefix for p in test], [p.patch_prefix for p in test])
+    metric = make_metric(
+        "logit-diff",
+        answer=[single_token_id(m, p.clean_answer) for p in test],
+        contrast=[single_token_id(m, p.patch_answer) for p in test],
+    )
+
+    def preference(flat_indices) -> float:
+        edits = [
+            Edit(layer=int(i) // (T * d), neurons=[int(i) % d], positions=[(int(i) // d) % T], op="zero")
+            for i in flat_indices
+        ]
+        with intervene(m, edits):
+            return float(metric(m.logits(clean)).mean())
+
+    base = preference([])
+    top = preference(scores.flatten().abs().argsort(descending=True)[:50])
+    rand = preference(torch.randperm(L * T * d, generator=torch.Generator().manual_seed(0))[:50])
+    assert base > 1.0
+    assert top < 0.5 * base  # sharply reduced
+    assert abs(rand - base) < 0.1 * base  # random neurons: no real change
