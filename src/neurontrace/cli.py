@@ -149,6 +149,7 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--test-fraction", type=float, default=0.2)
 
+    from neurontrace.commands.case import add_case_parser
     from neurontrace.commands.describe import add_describe_parser
     from neurontrace.commands.evaluate import add_evaluate_parser
     from neurontrace.commands.graph import add_graph_parser
@@ -158,6 +159,7 @@ def _build_parser() -> argparse.ArgumentParser:
     add_graph_parser(sub, _add_model_args)
     add_steer_parser(sub, _add_model_args)
     add_describe_parser(sub, _add_model_args)
+    add_case_parser(sub, _add_model_args)
 
     sub.add_parser("models", help="list supported architecture families and model aliases")
     return parser
@@ -201,6 +203,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             from neurontrace.commands.describe import run_describe
 
             run_describe(args)
+        elif args.command == "case":
+            from neurontrace.commands.case import run_case
+
+            run_case(args)
         elif args.command == "models":
             from neurontrace.commands.models import run_models
 

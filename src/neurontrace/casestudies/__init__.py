@@ -1,0 +1,1 @@
+"""Case studies: one command each, writing a report folder (markdown, plots, JSON)."""
