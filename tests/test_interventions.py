@@ -192,3 +192,18 @@ def test_position_outside_prompt_is_an_error():
     ):
         model.logits(batch)
     assert _n_hooks(model) == 0
+
+
+def test_cache_offset_across_transformers_versions():
+    """generate() passes the cache offset differently across transformers releases; all forms are read."""
+    from neurontrace.hooks import _cache_offset
+
+    class Cache:
+        def get_seq_length(self) -> int:
+            return 7
+
+    assert _cache_offset({"cache_position": torch.tensor([3, 4])}) == 3
+    assert _cache_offset({"past_key_values": Cache()}) == 7  # transformers 5.23
+    assert _cache_offset({"cache": Cache(), "position_ids": torch.tensor([[7]])}) == 7  # 5.24
+    assert _cache_offset({"position_ids": torch.tensor([[5]])}) == 5
+    assert _cache_offset({}) == 0

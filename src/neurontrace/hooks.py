@@ -91,6 +91,25 @@ class RunState:
         return mask
 
 
+def _cache_offset(kwargs: dict) -> int:
+    """Columns already in the key/value cache when a forward call has no attention mask (no padding then).
+
+    transformers has passed this as ``cache_position``, as a cache object under ``past_key_values`` (5.23) or
+    ``cache`` (5.24), and always as ``position_ids``; try them in that order.
+    """
+    cache_position = kwargs.get("cache_position")
+    if isinstance(cache_position, torch.Tensor) and cache_position.numel():
+        return int(cache_position.flatten()[0])
+    for name in ("past_key_values", "cache"):
+        cache = kwargs.get(name)
+        if hasattr(cache, "get_seq_length"):
+            return int(cache.get_seq_length())
+    position_ids = kwargs.get("position_ids")
+    if isinstance(position_ids, torch.Tensor) and position_ids.numel():
+        return int(position_ids.reshape(-1, position_ids.shape[-1])[0, 0])
+    return 0
+
+
 @contextmanager
 def track_positions(hf_model: nn.Module) -> Iterator[RunState]:
     """Follow the attention mask of every forward call of ``hf_model`` in a :class:`RunState`.
@@ -109,15 +128,8 @@ def track_positions(hf_model: nn.Module) -> Iterator[RunState]:
         if isinstance(mask, torch.Tensor) and mask.dim() == 2:
             state.pad = (mask.cumsum(dim=1) == 0).sum(dim=1)
             state.total = mask.shape[1]
-        else:  # no mask (transformers drops an all-ones mask in generate): read the cache offset instead
-            cache_position = kwargs.get("cache_position")
-            cache = kwargs.get("past_key_values")
-            if isinstance(cache_position, torch.Tensor):
-                start = int(cache_position[0])
-            elif hasattr(cache, "get_seq_length"):
-                start = int(cache.get_seq_length())
-            else:
-                start = 0
+        else:  # no mask (transformers drops an all-ones mask in generate): find the cache offset instead
+            start = _cache_offset(kwargs)
             state.pad = torch.zeros(batch, dtype=torch.long, device=ids.device)
             state.total = start + chunk
         state.chunk = chunk
