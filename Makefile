@@ -41,7 +41,7 @@ test-slow: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/run.py
 
-# The SVA circuit results of docs/results.md (about 45 minutes on 2 CPU cores).
+# The SVA circuit results of docs/results.md (about 25 minutes on 2 CPU cores).
 results: $(STAMP)
 	for task in sva-simple sva-nounpp sva-within-rc; do \
 		$(VENV)/bin/neurontrace evaluate --task $$task --methods relp,atp,random --bases neurons,mlp-out,resid \
