@@ -7,6 +7,7 @@ Every user mistake (bad model spec, bad neuron id, multi-token answer...) ends i
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import sys
 from collections.abc import Sequence
@@ -14,6 +15,18 @@ from collections.abc import Sequence
 from neurontrace import __version__
 
 EXIT_USAGE = 2
+# command -> (module in neurontrace.commands, function taking the parsed arguments); imported on use
+COMMANDS: dict[str, tuple[str, str]] = {
+    "inspect": ("inspect", "run_inspect"),
+    "attribute": ("attribute", "run_attribute"),
+    "tasks": ("tasks", "run_tasks"),
+    "evaluate": ("evaluate", "run_evaluate"),
+    "graph": ("graph", "run_graph"),
+    "steer": ("steer", "run_steer"),
+    "describe": ("describe", "run_describe"),
+    "case": ("case", "run_case"),
+    "models": ("models", "run_models"),
+}
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -175,42 +188,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     from neurontrace.errors import NeurontraceError
 
     try:
-        if args.command == "inspect":
-            from neurontrace.commands.inspect import run_inspect
-
-            run_inspect(args)
-        elif args.command == "attribute":
-            from neurontrace.commands.attribute import run_attribute
-
-            run_attribute(args)
-        elif args.command == "tasks":
-            from neurontrace.commands.tasks import run_tasks
-
-            run_tasks(args)
-        elif args.command == "evaluate":
-            from neurontrace.commands.evaluate import run_evaluate
-
-            run_evaluate(args)
-        elif args.command == "graph":
-            from neurontrace.commands.graph import run_graph
-
-            run_graph(args)
-        elif args.command == "steer":
-            from neurontrace.commands.steer import run_steer
-
-            run_steer(args)
-        elif args.command == "describe":
-            from neurontrace.commands.describe import run_describe
-
-            run_describe(args)
-        elif args.command == "case":
-            from neurontrace.commands.case import run_case
-
-            run_case(args)
-        elif args.command == "models":
-            from neurontrace.commands.models import run_models
-
-            run_models()
+        module, function = COMMANDS[args.command]
+        getattr(importlib.import_module(f"neurontrace.commands.{module}"), function)(args)
     except NeurontraceError as exc:
         print(f"neurontrace: error: {exc}", file=sys.stderr)
         return EXIT_USAGE

@@ -10,8 +10,6 @@ from neurontrace.errors import NeurontraceError
 
 
 def run_case(args: argparse.Namespace) -> None:
-    if args.study != "addition":  # pragma: no cover - argparse restricts the choice
-        raise NeurontraceError(f"unknown case study {args.study!r}")
     from neurontrace.casestudies.addition import run_addition
 
     try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import time
 from pathlib import Path
 
@@ -53,8 +54,6 @@ def run_graph(args: argparse.Namespace) -> None:
 
         groups = find_supernodes(pruned, distance_threshold=args.supernode_threshold)
         data = with_supernodes(data, groups)
-    import json
-
     json_path = write_text_atomic(out / f"{slug}.json", json.dumps(data))
     full_path = save_graph(graph, out / f"{slug}.neurontrace.json")
     html_path = write_viewer(data, out / f"{slug}.html")

@@ -6,7 +6,7 @@ from neurontrace.models.adapters import ADAPTERS
 from neurontrace.models.loading import ALIASES
 
 
-def run_models() -> None:
+def run_models(_args: object = None) -> None:
     print("Supported architecture families (config model_type -> neuron site):")
     for a in ADAPTERS:
         kind = "gated" if a.gated else "ungated"
