@@ -186,3 +186,27 @@ def test_graph_writes_json_full_graph_and_viewer(folder, capsys, tmp_path):
     assert all(set(group[1:]) <= ids for group in data["qParams"]["supernodes"])
     assert graph_from_html((tmp_path / "keys.html").read_text()) == data
     assert load_graph(tmp_path / "keys.neurontrace.json").meta["model"] == folder
+
+
+def test_graph_contexts_reach_the_viewer_data(folder, capsys, tmp_path):
+    from neurontrace.describe import top_contexts
+    from neurontrace.models.loading import load_model
+    from neurontrace.neurons import NeuronId
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("the keys to the cabinet are here . the key to the door is old .\n" * 20)
+    argv = ["graph", "--model", folder, "--prompt", "the keys to the cabinet", "--answer", " are"]
+    assert main([*argv, "--out", str(tmp_path), "--node-threshold", "0.01", "--contexts", str(corpus)]) == 0
+    capsys.readouterr()
+    data = json.loads((tmp_path / "graph.json").read_text())
+    neurons = [n for n in data["nodes"] if n["feature_type"] == "mlp neuron"]
+    assert neurons and all(n["top_contexts"] for n in neurons)
+    node = neurons[0]
+    layer, index = int(node["layer"]), int(node["node_id"].split("_")[1])
+    sign = NeuronId.polarity(node["activation"])
+    direct = top_contexts(
+        load_model(folder), NeuronId(layer, index, sign), corpus=str(corpus), k=5, use_cache=False
+    )
+    want = next(iter(direct.values())).contexts
+    assert [c["activation"] for c in node["top_contexts"]] == pytest.approx([c.activation for c in want])
+    assert [c["token"] for c in node["top_contexts"]] == [c.token for c in want]

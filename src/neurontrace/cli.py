@@ -7,6 +7,7 @@ Every user mistake (bad model spec, bad neuron id, multi-token answer...) ends i
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import os
 import sys
@@ -25,6 +26,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "steer": ("steer", "run_steer"),
     "describe": ("describe", "run_describe"),
     "case": ("case", "run_case"),
+    "hypotheses": ("hypotheses", "run_hypotheses"),
+    "estimate": ("estimate", "run_estimate"),
     "models": ("models", "run_models"),
 }
 
@@ -42,6 +45,12 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--dtype", default="float32", help="float32 (default, exact attribution), bfloat16 or float16"
     )
+    p.add_argument(
+        "--device-map",
+        help="spread a large model with accelerate: auto, balanced, sequential, or a JSON object (or .json file) "
+        'mapping every module with weights to a device, e.g. {"model.layers.21": "disk", ...}; overrides --device',
+    )
+    p.add_argument("--offload-folder", help="where --device-map puts weights offloaded to disk")
     p.add_argument(
         "--trust-remote-code",
         action="store_true",
@@ -164,8 +173,10 @@ def _build_parser() -> argparse.ArgumentParser:
 
     from neurontrace.commands.case import add_case_parser
     from neurontrace.commands.describe import add_describe_parser
+    from neurontrace.commands.estimate import add_estimate_parser
     from neurontrace.commands.evaluate import add_evaluate_parser
     from neurontrace.commands.graph import add_graph_parser
+    from neurontrace.commands.hypotheses import add_hypotheses_parser
     from neurontrace.commands.steer import add_steer_parser
 
     add_evaluate_parser(sub, _add_model_args)
@@ -173,6 +184,8 @@ def _build_parser() -> argparse.ArgumentParser:
     add_steer_parser(sub, _add_model_args)
     add_describe_parser(sub, _add_model_args)
     add_case_parser(sub, _add_model_args)
+    add_hypotheses_parser(sub, _add_model_args)
+    add_estimate_parser(sub, _add_model_args)
 
     sub.add_parser("models", help="list supported architecture families and model aliases")
     return parser
@@ -185,11 +198,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return EXIT_USAGE
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    from neurontrace.distributed import is_main
     from neurontrace.errors import NeurontraceError
 
     try:
         module, function = COMMANDS[args.command]
-        getattr(importlib.import_module(f"neurontrace.commands.{module}"), function)(args)
+        with contextlib.ExitStack() as stack:
+            if not is_main():  # launched by torchrun: only the main process prints (all of them compute)
+                stack.enter_context(contextlib.redirect_stdout(stack.enter_context(open(os.devnull, "w"))))
+            getattr(importlib.import_module(f"neurontrace.commands.{module}"), function)(args)
     except NeurontraceError as exc:
         print(f"neurontrace: error: {exc}", file=sys.stderr)
         return EXIT_USAGE

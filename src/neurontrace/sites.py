@@ -23,6 +23,7 @@ from torch import nn
 from neurontrace.errors import NeurontraceError
 from neurontrace.hooks import add_input_hook, add_output_hook, hooks_removed_on_exit
 from neurontrace.models.model import NeuronModel
+from neurontrace.models.placement import stack_on
 from neurontrace.tokens import Batch
 
 SITES: tuple[str, ...] = ("neurons", "mlp_out", "attn_out", "resid")
@@ -76,7 +77,7 @@ class Activations:
     def stack(self, site: str = "neurons") -> torch.Tensor:
         """All captured layers of one site as ``[layers, B, T, width]`` (layers in increasing order)."""
         layers = sorted(layer for s, layer in self.acts if s == site)
-        return torch.stack([self.acts[(site, layer)] for layer in layers])
+        return stack_on([self.acts[(site, layer)] for layer in layers])  # layers may sit on several devices
 
     def unpadded(self, row: int, layer: int, site: str = "neurons") -> torch.Tensor:
         """One prompt's activations without its padding columns, ``[length, width]``."""

@@ -45,6 +45,9 @@ def hostile_graph() -> dict:
     node = next(n for n in graph["nodes"] if n["feature_type"] == "mlp neuron" and n["influence"] <= 0.5)
     node["clerp"] = " ".join(HOSTILE)
     node["top_tokens"] = list(HOSTILE)
+    node["top_contexts"] = [
+        {"activation": 4.5, "before": [HOSTILE[0], " and"], "token": HOSTILE[1], "after": [HOSTILE[2]]}
+    ]
     node["token"] = HOSTILE[4]
     for n in graph["nodes"]:  # the page should show the hostile tokens, not the sample's own
         if n["feature_type"] != "logit" and n is not node:
@@ -378,6 +381,14 @@ def test_hostile_strings_render_as_text_and_run_nothing(driver, open_graph):
         "return [...document.querySelectorAll('#details .chip')].map(c => c.textContent)"
     )
     assert chips[: len(HOSTILE)] == HOSTILE
+    context = driver.execute_script(  # top-activating contexts show on click, as text
+        "return [...document.querySelectorAll('#details .contexts li')].map(c => c.textContent)"
+    )
+    assert context == [f"4.500 {HOSTILE[0]} and{HOSTILE[1]}{HOSTILE[2]}"]
+    assert (
+        driver.execute_script("return document.querySelector('#details .contexts mark').textContent")
+        == HOSTILE[1]
+    )
     assert graph_now(driver)["metadata"] == graph["metadata"]
 
 

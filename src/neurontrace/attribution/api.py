@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from neurontrace import __version__
+from neurontrace import __version__, distributed
 from neurontrace.attribution.engine import METHODS, BatchAttributor, run_sites
 from neurontrace.attribution.metrics import Metric, make_metric
 from neurontrace.attribution.replacement import RelPRules
@@ -127,6 +127,17 @@ def _tokenize(
     return Batch.from_ids(ids, pad_id=pad_id_of(model.tokenizer), prompts=[e.clean for e in examples]), None
 
 
+def _token_strings(
+    model: NeuronModel, examples: Sequence[Example], kind: str, fn: Callable | None, k: int
+) -> list[list[str]]:
+    """The token strings of each example's clean prompt as attributed (with any teacher-forced answer)."""
+    if not model.tokenizer:
+        return [[] for _ in examples]
+    metric_obj, forced = _metric_for(model, examples, kind, fn, k)
+    clean, _ = _tokenize(model, examples, metric_obj if forced else None)
+    return [token_strings(model, clean.ids(row)) for row in range(clean.size)]
+
+
 def _fingerprint(model: NeuronModel, examples: Sequence[Example], config: dict) -> str:
     digest = hashlib.sha256(json.dumps([model.name, config], sort_keys=True, default=str).encode())
     for e in examples:
@@ -137,17 +148,28 @@ def _fingerprint(model: NeuronModel, examples: Sequence[Example], config: dict) 
 def mean_activations(
     model: NeuronModel, examples: Sequence[Example], *, site: str, layers: Sequence[int], batch_size: int
 ) -> torch.Tensor:
-    """Mean of the site over every real token of the examples' clean prompts, ``[L, width]``."""
+    """Mean of the site over every real token of the examples' clean prompts, ``[L, width]``.
+
+    Launched distributed, each process runs its share of the examples and the sums and counts are reduced.
+    """
     total, count = None, 0
     metric = make_metric("custom", fn=lambda logits: logits[:, -1, 0])
-    for start in range(0, len(examples), batch_size):
-        batch = Batch.from_ids([encode(model, e.clean) for e in examples[start : start + batch_size]])
+    share = distributed.shard(len(examples))
+    for start in range(share.start, share.stop, batch_size):
+        batch = Batch.from_ids(
+            [encode(model, e.clean) for e in examples[start : min(start + batch_size, share.stop)]]
+        )
         run = run_sites(model, batch, metric, site=site, layers=layers, grad=False)
         mask = batch.attention_mask.to(model.device)[:, None, :, None].float()
-        acts = torch.stack([run.acts[layer] for layer in layers], dim=1).float() * mask
+        acts = torch.stack([run.acts[layer].to(mask.device) for layer in layers], dim=1).float() * mask
         part = acts.sum(dim=(0, 2))
         total = part if total is None else total + part
         count += int(batch.attention_mask.sum())
+    if distributed.world().size > 1:
+        if total is None:  # a process with no examples
+            total = torch.zeros(len(layers), site_width(model, site), device=model.device)
+        total = distributed.all_reduce_sum(total)
+        count = int(distributed.all_reduce_sum(torch.tensor(count)))
     return total / count
 
 
@@ -189,6 +211,11 @@ def attribute(
     multi-token answers). ``baseline`` (``zero`` or ``mean``) is used for prompts without a counterfactual.
     ``checkpoint`` names a file where partial results are saved every ``checkpoint_every_s`` seconds; a run
     with the same inputs and settings resumes from it.
+
+    Launched by ``torchrun`` with several processes (:mod:`neurontrace.distributed`), each process attributes a
+    contiguous share of the examples and every process returns the whole, identical result; each then keeps
+    its own checkpoint, ``CHECKPOINT.rank{r}-of-{n}``, which resumes with the same number of processes. The
+    ``random`` control and runs with fewer examples than processes are not split (every process runs them all).
     """
     check_site(site)
     if method not in METHODS:
@@ -241,25 +268,31 @@ def attribute(
         base = mean_activations(model, examples, site=site, layers=layers, batch_size=batch_size)
 
     width = site_width(model, site)
+    longest = 0
     for start in range(0, len(examples), 256):  # fail on bad examples before any compute or progress bar
         chunk = examples[start : start + 256]
         metric_obj, forced = _metric_for(model, chunk, metric, metric_fn, topk)
-        _tokenize(model, chunk, metric_obj if forced else None)
-    fingerprint = _fingerprint(model, examples, config)
+        longest = max(longest, _tokenize(model, chunk, metric_obj if forced else None)[0].width)
+    _check_memory(model, longest, min(batch_size, len(examples)), paired)
+    rank, size = distributed.world()
+    split = size > 1 and method != "random" and len(examples) >= size  # random draws depend on the batches
+    share = distributed.split(len(examples), rank, size) if split else range(len(examples))
+    mine = examples[share.start : share.stop]
+    if checkpoint is not None and split:
+        checkpoint = Path(checkpoint).with_name(f"{Path(checkpoint).name}.rank{rank}-of-{size}")
+    fingerprint = _fingerprint(model, mine, config)
     state = None
     if checkpoint is not None:
         state = _State.load(Path(checkpoint), fingerprint, keep_per_example)
     state = state or _State(keep_per_example)
     bar = None
-    if progress:
+    if progress and distributed.is_main():
         from tqdm.auto import tqdm
 
-        bar = tqdm(
-            total=len(examples), initial=state.done, desc=f"{method} attribution", unit="ex", leave=False
-        )
+        bar = tqdm(total=len(mine), initial=state.done, desc=f"{method} attribution", unit="ex", leave=False)
     last_save = time.monotonic()
-    for start in range(state.done, len(examples), batch_size):
-        chunk = examples[start : start + batch_size]
+    for start in range(state.done, len(mine), batch_size):
+        chunk = mine[start : start + batch_size]
         metric_obj, forced = _metric_for(model, chunk, metric, metric_fn, topk)
         clean, patch = _tokenize(model, chunk, metric_obj if forced else None)
         if metric_obj.kind == "topk" and metric_obj.answer is None:
@@ -280,6 +313,10 @@ def attribute(
             last_save = time.monotonic()
     if bar is not None:
         bar.close()
+    tokens = state.tokens[:64]
+    if split:
+        state = state.merged()
+        tokens = _token_strings(model, examples[:64], metric, metric_fn, topk)
     result = state.result(
         meta={
             "schema_version": SCHEMA_VERSION,
@@ -290,7 +327,7 @@ def attribute(
             "paired": paired,
             "n_examples": len(examples),
             "width": width,
-            "tokens": state.tokens[:64],
+            "tokens": tokens,
             "prompts": [e.clean for e in examples[:64]],
             "sign": "m(patched) - m(clean)" if paired else "m(clean) - m(baseline)",
         }
@@ -298,6 +335,17 @@ def attribute(
     if checkpoint is not None:
         Path(checkpoint).unlink(missing_ok=True)
     return result
+
+
+def _check_memory(model: NeuronModel, prompt_len: int, batch_size: int, paired: bool) -> None:
+    """Stop before any compute when one batch will not fit (see :mod:`neurontrace.memory`)."""
+    from neurontrace import memory
+
+    parts = memory.attribution_bytes(
+        memory.Shape.of(model), prompt_len=prompt_len, batch_size=batch_size, paired=paired
+    )
+    memory.check_fits(memory.attribution_peak(parts), what=f"attribution of a batch of {batch_size} prompts of "
+                      f"{prompt_len} tokens", lower="batch_size (--batch-size)", device=model.device)  # fmt: skip
 
 
 class _State:
@@ -375,6 +423,36 @@ class _State:
             else {},
         )
 
+    def merged(self) -> _State:
+        """The state of the whole run from every process's share (in rank order), identical on every process.
+
+        Per-example tensors are gathered; per-position sums are kept only if every example of every share has
+        one length, and per-example scores only under the limit for the whole run, as in one process.
+        """
+        names = ("scores_sum", "acts_sum", "metric_clean", "metric_patch", "scores", "embed_scores")
+        lengths = distributed.gather_rows(torch.tensor(self.lengths, dtype=torch.long))
+        local = [self.get(name) is not None for name in names] + [self.pos_sum is not None]
+        have = distributed.gather_rows(torch.tensor([local], dtype=torch.long)).min(0).values.tolist()
+        out = _State(self.keep)
+        out.done, out.lengths = int(lengths.numel()), lengths.tolist()
+        one = out.one_length
+        for name, present in zip(names, have, strict=False):
+            if not present or (name in ("scores", "embed_scores") and not one):
+                continue
+            if name == "scores" and not (
+                self.keep
+                or (self.keep is None and out.done * self.get(name)[0].numel() <= AUTO_KEEP_ELEMENTS)
+            ):
+                out.keep = False
+                continue
+            out.t[name] = [distributed.gather_rows(self.get(name))]
+        if one and have[-1]:
+            # Gathered, then summed in rank order (not all-reduced): the mean scores then agree bit for bit on
+            # every process, so circuits selected from them by a threshold agree too.
+            out.pos_sum = distributed.gather_rows(self.pos_sum[None]).sum(0)
+            out.pos_act_sum = distributed.gather_rows(self.pos_act_sum[None]).sum(0)
+        return out
+
     # ---------------------------------------------------------- checkpoints
     def save(self, path: Path, fingerprint: str) -> None:
         from safetensors.torch import save
@@ -448,9 +526,9 @@ def verify_top(
     m_clean = acts.metric[0]
     if patch is not None:
         run = run_sites(model, patch, metric_obj, site=site, layers=layers, grad=False)
-        values = torch.stack([run.acts[layer] for layer in layers], dim=1)
+        values = torch.stack([run.acts[layer].to(model.device) for layer in layers], dim=1)
     else:
-        shape = torch.stack([acts.acts[layer] for layer in layers], dim=1)
+        shape = torch.stack([acts.acts[layer].to(model.device) for layer in layers], dim=1)
         values = torch.zeros_like(shape) if baseline is None else baseline[None, :, None, :].expand_as(shape)
     nodes = result.top(k, per_position=True)
     sets = [[(layers.index(n.layer), n.position, n.neuron)] for n in nodes]

@@ -22,10 +22,11 @@ from dataclasses import dataclass
 import torch
 
 from neurontrace.attribution.metrics import Metric
-from neurontrace.attribution.replacement import RelPRules, replacement_model
+from neurontrace.attribution.replacement import RelPRules, _promote, replacement_model
 from neurontrace.errors import NeurontraceError
 from neurontrace.hooks import add_output_hook
 from neurontrace.models.model import NeuronModel
+from neurontrace.models.placement import stack_on
 from neurontrace.sites import hook_site
 from neurontrace.tokens import Batch
 
@@ -38,15 +39,18 @@ IG_RULES: tuple[str, ...] = ("midpoint", "left")
 
 @contextmanager
 def frozen_parameters(model: NeuronModel) -> Iterator[None]:
-    """No parameter gradients inside the block (attribution needs activation gradients only)."""
-    saved = [(p, p.requires_grad) for p in model.hf.parameters()]
+    """No parameter gradients inside the block (attribution needs activation gradients only).
+
+    Flags are restored by name: accelerate replaces the parameter objects of offloaded modules at every forward.
+    """
+    saved = {name: p.requires_grad for name, p in model.hf.named_parameters()}
     try:
-        for p, _ in saved:
+        for p in model.hf.parameters():
             p.requires_grad_(False)
         yield
     finally:
-        for p, flag in saved:
-            p.requires_grad_(flag)
+        for name, p in model.hf.named_parameters():
+            p.requires_grad_(saved.get(name, p.requires_grad))
 
 
 @dataclass
@@ -82,7 +86,7 @@ def run_sites(
 
     def on_embed(y: torch.Tensor) -> torch.Tensor:
         if replace_embeds is not None:
-            y = replace_embeds
+            y = replace_embeds.to(y.device)
         elif grad:
             y = y.detach().requires_grad_(True)
         embeds.append(y)
@@ -91,7 +95,7 @@ def run_sites(
     def recorder(layer: int):
         def fn(x: torch.Tensor) -> torch.Tensor:
             if layer in replace:
-                x = replace[layer]
+                x = replace[layer].to(x.device)  # layers may sit on different devices (device_map)
             acts[layer] = x
             return x
 
@@ -111,7 +115,8 @@ def run_sites(
 
 
 def _stack(acts: dict[int, torch.Tensor], layers: Sequence[int]) -> torch.Tensor:
-    return torch.stack([acts[layer] for layer in layers], dim=1)  # [B, L, T, width]
+    """``[B, L, T, width]`` on the first layer's device (a device map may spread the layers)."""
+    return stack_on([acts[layer] for layer in layers], dim=1)
 
 
 def _repeat(batch: Batch, times: int) -> Batch:
@@ -191,9 +196,10 @@ class BatchAttributor:
             other = self._baseline(acts, patch_run, baseline)
             sign = 1.0 if patch_run is not None else -1.0
             if self.method == "delta":
-                scores = sign * (other - acts)
+                scores = sign * (_promote(other) - _promote(acts))
             elif self.method == "random":
-                scores = torch.randn(acts.shape, generator=self.generator).to(acts)
+                noise = torch.randn(acts.shape, generator=self.generator)
+                scores = noise.to(acts.device, torch.promote_types(acts.dtype, torch.float32))
             else:  # exact
                 scores = self._exact(clean, metric, acts, other, run.metric, paired=patch_run is not None)
             return BatchScores(scores, acts, run.metric, None if patch_run is None else patch_run.metric)
@@ -203,9 +209,11 @@ class BatchAttributor:
         run = run_sites(self.model, clean, metric, site=self.site, layers=self.layers, rules=rules)
         grads = torch.autograd.grad(run.metric.sum(), [run.acts[layer] for layer in self.layers])
         acts = _stack({k: v.detach() for k, v in run.acts.items()}, self.layers)
-        grad = torch.stack(grads, dim=1)
+        grad = _promote(stack_on(grads, dim=1, device=acts.device))
         other = self._baseline(acts, patch_run, baseline)
-        delta = (other - acts) if patch_run is not None else (acts - other)
+        delta = (
+            _promote(other) - _promote(acts) if patch_run is not None else _promote(acts) - _promote(other)
+        )
         return BatchScores(
             delta * grad, acts, run.metric.detach(), None if patch_run is None else patch_run.metric
         )
@@ -223,16 +231,17 @@ class BatchAttributor:
         acts = _stack(run.acts, self.layers)
         other = self._baseline(acts, patch_run, baseline)
         start, end = (acts, other) if patch_run is not None else (other, acts)
+        start, end = _promote(start), _promote(end)  # the path and the gradient sums in float32 (bf16 models)
         B = clean.size
-        mean_grad = torch.zeros_like(acts)
+        mean_grad = torch.zeros_like(start)
         for li, layer in enumerate(self.layers):
             for alphas in self._alpha_chunks(B):
                 n = len(alphas)
-                a = alphas.to(acts)[:, None, None, None]
+                a = alphas.to(start)[:, None, None, None]
                 path = (start[:, li][None] + a * (end[:, li] - start[:, li])[None]).reshape(
                     n * B, *acts.shape[2:]
                 )
-                leaf = path.detach().requires_grad_(True)
+                leaf = path.to(acts.dtype).detach().requires_grad_(True)
                 r = run_sites(
                     self.model,
                     _repeat(clean, n),
@@ -242,7 +251,7 @@ class BatchAttributor:
                     replace={layer: leaf},
                 )
                 (g,) = torch.autograd.grad(r.metric.sum(), [leaf])
-                mean_grad[:, li] += g.view(n, B, *acts.shape[2:]).sum(0)
+                mean_grad[:, li] += _promote(g).view(n, B, *acts.shape[2:]).sum(0)
         mean_grad /= self.steps
         return BatchScores(
             (end - start) * mean_grad, acts, run.metric, None if patch_run is None else patch_run.metric
@@ -273,13 +282,14 @@ class BatchAttributor:
             )
             start, end, e_start, e_end = _stack(zero.acts, self.layers), acts, e_other, e_clean
         B = clean.size
-        mean_grad = torch.zeros_like(acts)
-        mean_grad_e = torch.zeros_like(e_clean)
+        start, end, e_start, e_end = (_promote(t) for t in (start, end, e_start, e_end))  # float32 sums
+        mean_grad = torch.zeros_like(start)
+        mean_grad_e = torch.zeros_like(e_start)
         for alphas in self._alpha_chunks(B):
             n = len(alphas)
-            a = alphas.to(e_clean)[:, None, None, None]
+            a = alphas.to(e_start)[:, None, None, None]
             path = (e_start[None] + a * (e_end - e_start)[None]).reshape(n * B, *e_clean.shape[1:])
-            leaf = path.detach().requires_grad_(True)
+            leaf = path.to(e_clean.dtype).detach().requires_grad_(True)
             r = run_sites(
                 self.model,
                 _repeat(clean, n),
@@ -289,8 +299,9 @@ class BatchAttributor:
                 replace_embeds=leaf,
             )
             grads = torch.autograd.grad(r.metric.sum(), [leaf] + [r.acts[layer] for layer in self.layers])
-            mean_grad_e += grads[0].view(n, B, *e_clean.shape[1:]).sum(0)
-            mean_grad += torch.stack(grads[1:], dim=1).view(n, B, *acts.shape[1:]).sum(0)
+            mean_grad_e += _promote(grads[0]).view(n, B, *e_clean.shape[1:]).sum(0)
+            layer_grads = _promote(stack_on(grads[1:], dim=1, device=mean_grad.device))
+            mean_grad += layer_grads.view(n, B, *acts.shape[1:]).sum(0)
         mean_grad /= self.steps
         mean_grad_e /= self.steps
         embed_scores = ((e_end - e_start) * mean_grad_e).sum(-1)
@@ -314,7 +325,7 @@ class BatchAttributor:
     ) -> torch.Tensor:
         """Patch every (layer, position, unit) node alone; ground truth, so it costs one forward per node."""
         B, L, T, d = acts.shape
-        scores = torch.zeros_like(acts)
+        scores = torch.zeros_like(acts, dtype=torch.promote_types(acts.dtype, torch.float32))
         for b in range(B):
             one = clean.select([b])
             pad = int(one.pad[0])

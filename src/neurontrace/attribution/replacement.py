@@ -28,6 +28,7 @@ from torch import nn
 
 from neurontrace.hooks import add_input_hook, add_output_hook
 from neurontrace.models.model import NeuronModel, has_module
+from neurontrace.models.placement import loaded_weights
 
 GateRule = Literal["half", "detach", "plain"]
 
@@ -68,7 +69,7 @@ class FrozenFactors:
             return value
         i = self.cursor.get(key, 0)
         self.cursor[key] = i + 1
-        return self.store[key][i]
+        return self.store[key][i].to(value.device)  # a no-op unless the replay runs on another device
 
     def start_pass(self) -> None:
         self.cursor.clear()
@@ -105,7 +106,6 @@ def _norm_hook(module: nn.Module, kind: str, frozen: FrozenFactors | None = None
     def hook(_mod: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor:
         x = args[0]
         xf = _promote(x)
-        weight = getattr(module, "weight", None)
         if kind == "layernorm":
             centred = xf - xf.mean(-1, keepdim=True)
             scale = torch.rsqrt(centred.pow(2).mean(-1, keepdim=True) + eps).detach()
@@ -115,12 +115,14 @@ def _norm_hook(module: nn.Module, kind: str, frozen: FrozenFactors | None = None
         if frozen is not None:
             scale = frozen.factor(("norm", id(module)), scale)
         lin = centred * scale
-        if weight is not None:
-            w = _promote(weight)
-            lin = lin * (1.0 + w if kind == "rms_offset" else w)
-        bias = getattr(module, "bias", None)
-        if bias is not None:  # LayerNorm's additive bias keeps its own (plain) gradient
-            lin = lin + _promote(bias)
+        # this hook runs after accelerate has offloaded the norm's weights again (if it offloads them)
+        with loaded_weights(module):
+            weight, bias = getattr(module, "weight", None), getattr(module, "bias", None)
+            if weight is not None:
+                w = _promote(weight).to(xf.device)
+                lin = lin * (1.0 + w if kind == "rms_offset" else w)
+            if bias is not None:  # LayerNorm's additive bias keeps its own (plain) gradient
+                lin = lin + _promote(bias).to(xf.device)
         return _apply(out, lin, frozen)
 
     return hook
@@ -185,7 +187,8 @@ class Replacement:
         cap = self.model.logit_softcap
         if cap is None or not self.rules.nonlinearity or self._unembed_out is None:
             return logits
-        return _identity_rule(self._unembed_out, logits, self.frozen, ("softcap",))
+        # accelerate returns the logits on the input device, which need not be the unembedding's
+        return _identity_rule(self._unembed_out.to(logits.device), logits, self.frozen, ("softcap",))
 
 
 @contextmanager
@@ -270,6 +273,8 @@ def _gate_hooks(model: NeuronModel, gate_rule: GateRule, frozen: FrozenFactors |
         state.gate = state.up = None
         if g is None or u is None or g.shape != x.shape:  # pragma: no cover - unexpected module order
             raise RuntimeError("the gate/up factors were not seen before the down projection")
+        # in float32 (bf16/fp16 models): the forward value stays ``x``, only the gradient's path is promoted
+        g, u = _promote(g).to(x.device), _promote(u).to(x.device)
         g_const, u_const = g.detach(), u.detach()
         if frozen is not None:
             g_const, u_const = frozen.factor(("gate", "g"), g_const), frozen.factor(("gate", "u"), u_const)

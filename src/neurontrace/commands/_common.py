@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from neurontrace.models.loading import load_model
+from neurontrace import distributed
+from neurontrace.models.loading import load_model, parse_device_map
 from neurontrace.models.model import NeuronModel
 
 
@@ -14,6 +15,8 @@ def model_from_args(args: argparse.Namespace) -> NeuronModel:
         args.model,
         device=args.device,
         dtype=args.dtype,
+        device_map=parse_device_map(getattr(args, "device_map", None)),
+        offload_folder=getattr(args, "offload_folder", None),
         trust_remote_code=args.trust_remote_code,
-        progress=True,
+        progress=distributed.is_main(),
     )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from neurontrace import distributed
 from neurontrace.attribution.api import attribute, verify_top
 from neurontrace.attribution.replacement import RelPRules
 from neurontrace.attribution.result import AttributionResult, NodeScore
@@ -99,7 +100,7 @@ def run_attribute(args: argparse.Namespace) -> None:
             + (", per position):" if per_position else ", summed over positions):")
         )
         print(format_table(result.top(args.top, per_position=per_position)))
-    if args.out or args.dataset:
+    if (args.out or args.dataset) and distributed.is_main():
         path = result.save(Path(args.out or f"results/attribution-{args.method}.safetensors"))
         print(f"\nwrote {path}")
 

@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+from neurontrace import distributed
 from neurontrace.commands._common import model_from_args
 from neurontrace.commands.tasks import sva_task
 from neurontrace.errors import NeurontraceError
@@ -51,8 +52,9 @@ def run_evaluate(args: argparse.Namespace) -> None:
     if args.n_train < 1 or args.n_test < 1 or args.points < 1:
         raise NeurontraceError("--n-train, --n-test and --points must be at least 1")
     out = Path(args.out)
-    if args.fresh and out.exists():
+    if args.fresh and out.exists() and distributed.is_main():
         shutil.rmtree(out)
+    distributed.barrier()  # under torchrun: the others look at --out only once it is cleared
     model = model_from_args(args)
     train, test, description = load_data(args, model.tokenizer)
     run = EvaluationRun(
@@ -70,11 +72,13 @@ def run_evaluate(args: argparse.Namespace) -> None:
         seed=args.seed,
     )
     run.validate()
-    log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
+    log = lambda msg: print(msg, file=sys.stderr, flush=True) if distributed.is_main() else None  # noqa: E731
     log(f"[neurontrace] evaluating {', '.join(run.methods)} on {', '.join(run.bases)}: {len(train)} train / "
         f"{len(test)} test pairs of {description}; results in {out}")  # fmt: skip
     start = time.perf_counter()
     curves = run_evaluation(model, run, train=train, test=test, out=out, log=log)
+    if not distributed.is_main():
+        return
     notes = [
         f"Model: {model.name} ({model.adapter.family}, {model.n_layers} layers x {model.d_ff} neurons). "
         f"Data: {description}; {len(train)} train pairs (attribution), {len(test)} test pairs (evaluation).",

@@ -1,4 +1,8 @@
-"""``neurontrace graph``: build, prune and export the attribution graph of one prompt, with the HTML viewer."""
+"""``neurontrace graph``: build, prune and export the attribution graph of one prompt, with the HTML viewer.
+
+With ``--prompts FILE`` it does so for every line of the file (``SLUG-000.*``, ``SLUG-001.*``, ... and an
+``index.json``); launched by ``torchrun``, each process builds and writes its share of the graphs.
+"""
 
 from __future__ import annotations
 
@@ -7,46 +11,83 @@ import json
 import time
 from pathlib import Path
 
+from neurontrace import distributed
 from neurontrace.commands._common import model_from_args
 from neurontrace.errors import NeurontraceError
+from neurontrace.io import write_text_atomic
+
+
+def read_prompts(path: str) -> list[str]:
+    """The prompts of a text file, one a line (blank lines skipped)."""
+    file = Path(path)
+    if not file.is_file():
+        raise NeurontraceError(f"no such prompts file: {path}; give a text file with one prompt a line")
+    prompts = [line for line in file.read_text(encoding="utf-8-sig").splitlines() if line.strip()]
+    if not prompts:
+        raise NeurontraceError(f"the prompts file {path} is empty; give one prompt a line")
+    return prompts
 
 
 def run_graph(args: argparse.Namespace) -> None:
-    from neurontrace.describe.writes import describe_writes
-    from neurontrace.graphs.build import NEURON, build_graph
-    from neurontrace.graphs.export import save_graph, to_circuit_tracer
-    from neurontrace.graphs.prune import prune_graph
-    from neurontrace.io import write_text_atomic
-    from neurontrace.neurons import NeuronId
-    from neurontrace.viewer import write_viewer
+    from neurontrace.graphs.many import build_graphs
 
     if not 0 < args.node_fraction <= 1 or not 0 < args.edge_fraction <= 1:
         raise NeurontraceError("--node-fraction and --edge-fraction must be in (0, 1]")
+    if (args.prompt is None) == (args.prompts is None):
+        raise NeurontraceError("give either --prompt (one graph) or --prompts FILE (one graph a line)")
+    prompts = [args.prompt] if args.prompt is not None else read_prompts(args.prompts)
     model = model_from_args(args)
     answers = [a for a in (args.answer or [])]
+    out, slug = Path(args.out), args.slug or "graph"
+    slugs = [slug] if args.prompt is not None else [f"{slug}-{i:03d}" for i in range(len(prompts))]
     start = time.perf_counter()
-    graph = build_graph(
+    for index, graph in build_graphs(
         model,
-        args.prompt,
+        prompts,
         answers=answers or None,
         max_logits=args.max_logits,
         node_threshold=args.node_threshold,
         max_nodes=args.max_nodes,
-        progress=True,
-    )
-    built = time.perf_counter() - start
+        progress=args.prompt is not None and distributed.is_main(),
+    ):
+        _write_graph(model, graph, args, out, slugs[index], time.perf_counter() - start)
+        start = time.perf_counter()
+    if args.prompts is not None:
+        distributed.barrier()  # every graph is written before the index names it
+        if distributed.is_main():
+            index = [
+                {
+                    "prompt": p,
+                    "slug": s,
+                    "json": f"{s}.json",
+                    "full": f"{s}.neurontrace.json",
+                    "html": f"{s}.html",
+                }
+                for p, s in zip(prompts, slugs, strict=True)
+            ]
+            path = write_text_atomic(out / "index.json", json.dumps(index, indent=2))
+            print(f"{len(prompts)} graphs; index: {path}")
+
+
+def _write_graph(model, graph, args: argparse.Namespace, out: Path, slug: str, built: float) -> None:
+    """Prune, describe and export one graph (circuit-tracer JSON, full graph, HTML viewer) and print a summary."""
+    from neurontrace.describe import graph_node_describer
+    from neurontrace.graphs.build import NEURON
+    from neurontrace.graphs.export import save_graph, to_circuit_tracer
+    from neurontrace.graphs.prune import prune_graph
+    from neurontrace.viewer import write_viewer
+
     pruned = (
         graph
         if args.no_prune
         else prune_graph(graph, node_fraction=args.node_fraction, edge_fraction=args.edge_fraction)
     )
 
-    def describe(node):
-        d = describe_writes(model, NeuronId(node.layer, node.index, NeuronId.polarity(node.activation)), k=5)
-        return {"top_tokens": [t.token for t in d.promoted], "bottom_tokens": [t.token for t in d.suppressed]}
+    describe = graph_node_describer(
+        model, [n for n in pruned.nodes if n.kind == NEURON], corpus=args.contexts,
+        max_tokens=args.contexts_tokens, progress=args.contexts is not None,
+    )  # fmt: skip
 
-    out = Path(args.out)
-    slug = args.slug or "graph"
     data = to_circuit_tracer(pruned, slug=slug, node_threshold=args.node_fraction, describe=describe)
     groups = []
     if args.supernodes:
@@ -59,7 +100,7 @@ def run_graph(args: argparse.Namespace) -> None:
     html_path = write_viewer(data, out / f"{slug}.html")
     n_neurons = sum(n.kind == NEURON for n in graph.nodes)
     p_neurons = sum(n.kind == NEURON for n in pruned.nodes)
-    print(f"Graph of {args.prompt!r} on {model.name}: targets " + ", ".join(
+    print(f"Graph of {graph.prompt!r} on {model.name}: targets " + ", ".join(
         f"{n.token!r} (p={n.prob:.3f})" for n in graph.nodes if n.kind == "logit"))  # fmt: skip
     print(f"  {n_neurons} neuron nodes, {graph.n_edges} edges built in {built:.1f} s; "
           f"pruned to {p_neurons} neurons and {pruned.n_edges} edges")  # fmt: skip
@@ -80,7 +121,13 @@ def add_graph_parser(sub, add_model_args) -> None:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     add_model_args(p)
-    p.add_argument("--prompt", "-p", required=True)
+    p.add_argument("--prompt", "-p", help="the prompt (one graph)")
+    p.add_argument(
+        "--prompts",
+        metavar="FILE",
+        help="a text file with one prompt a line: one graph each, SLUG-000.*, ... and index.json in --out "
+        "(under torchrun the processes share the prompts)",
+    )
     p.add_argument(
         "--answer", action="append", help="target answer token (repeatable); default: the top tokens"
     )
@@ -96,6 +143,13 @@ def add_graph_parser(sub, add_model_args) -> None:
         "--edge-fraction", type=float, default=0.98, help="pruning: cumulative influence kept (edges)"
     )
     p.add_argument("--no-prune", action="store_true", help="export the unpruned graph")
+    p.add_argument(
+        "--contexts",
+        default=None,
+        help="also find each neuron's top-activating contexts (shown on click in the viewer) in this corpus: a "
+        "text file or folder, a Hugging Face dataset name, or 'model' (text sampled from the model; slow on CPU)",
+    )
+    p.add_argument("--contexts-tokens", type=int, default=20_000, help="tokens of the corpus to scan")
     p.add_argument(
         "--supernodes",
         action="store_true",

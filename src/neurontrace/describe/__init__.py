@@ -27,6 +27,7 @@ __all__ = [
     "describe",
     "describe_all",
     "describe_writes",
+    "graph_node_describer",
     "logit_effects",
     "top_contexts",
 ]
@@ -124,3 +125,34 @@ def describe(
     of texts), where it fires; per polarity. ``scan`` options go to :func:`top_contexts` (``window``,
     ``max_tokens``, ``batch_size``, ``progress``, ``cache_dir``)."""
     return describe_all(model, [neuron], corpus=corpus, k=k, **scan)[0]
+
+
+def graph_node_describer(
+    model: NeuronModel,
+    nodes: Sequence | None = None,
+    *,
+    k: int = 5,
+    corpus: str | Path | Sequence[str] | None = None,
+    max_tokens: int = 20_000,
+    progress: bool = False,
+):
+    """``describe(node)`` for graph export: the tokens a neuron node promotes and suppresses (for the polarity it
+    fires with) and, with a ``corpus``, its top-activating contexts there (scanned once for all ``nodes``)."""
+    contexts: dict[NeuronId, ContextsDescription] = {}
+    if corpus is not None and nodes:
+        wanted = sorted({NeuronId(n.layer, n.index, NeuronId.polarity(n.activation)) for n in nodes},
+                        key=lambda n: (n.layer, n.index, n.sign))  # fmt: skip
+        contexts = top_contexts(model, wanted, corpus=corpus, k=k, max_tokens=max_tokens, progress=progress)
+
+    def describe_node(node) -> dict:
+        neuron = NeuronId(node.layer, node.index, NeuronId.polarity(node.activation))
+        d = describe_writes(model, neuron, k=k)
+        out = {"top_tokens": [t.token for t in d.promoted], "bottom_tokens": [t.token for t in d.suppressed]}
+        if neuron in contexts:
+            out["top_contexts"] = [
+                {"activation": c.activation, "before": c.before, "token": c.token, "after": c.after}
+                for c in contexts[neuron].contexts
+            ]
+        return out
+
+    return describe_node

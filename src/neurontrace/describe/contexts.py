@@ -33,6 +33,7 @@ from neurontrace.describe.writes import check_neuron
 from neurontrace.errors import NeurontraceError
 from neurontrace.io import JsonResult, write_bytes_atomic
 from neurontrace.models.model import NeuronModel
+from neurontrace.models.placement import loaded_weights
 from neurontrace.neurons import NeuronId
 from neurontrace.sites import capture
 from neurontrace.tokens import Batch, encode, pad_id_of, token_strings
@@ -294,12 +295,20 @@ def _weights_fingerprint(model: NeuronModel) -> str:
     """A cheap fingerprint of the weights (a strided sample of a few matrices), so that two models of one name
     never share a cache entry."""
     h = hashlib.sha256()
+    last = model.n_layers - 1
+    reads = [
+        (model.embed, lambda: model.embed.weight),
+        (model.unembed, lambda: model.unembed.weight),
+        (model.down_proj(0), lambda: model.w_out(0)),
+        (model.down_proj(last), lambda: model.w_out(last)),
+    ]
     try:
-        for t in (model.embed.weight, model.unembed.weight, model.w_out(0), model.w_out(model.n_layers - 1)):
-            flat = t.detach().reshape(-1)
-            sample = flat[:: max(1, flat.numel() // 4096)][:4096]
-            h.update(sample.float().cpu().numpy().tobytes())
-    except (NotImplementedError, RuntimeError):  # weights on the meta device (offloaded)
+        for module, weight in reads:
+            with loaded_weights(module):  # weights accelerate offloads are loaded for the read
+                flat = weight().detach().reshape(-1)
+                sample = flat[:: max(1, flat.numel() // 4096)][:4096]
+                h.update(sample.float().cpu().numpy().tobytes())
+    except (NotImplementedError, RuntimeError):  # weights on the meta device that no hook can load
         h.update(model.source.encode("utf-8"))
     return h.hexdigest()
 

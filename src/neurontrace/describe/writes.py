@@ -14,6 +14,7 @@ ranking as it is; the vector is in pre-cap logit units.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -22,6 +23,7 @@ from torch import nn
 from neurontrace.errors import NeurontraceError
 from neurontrace.io import JsonResult
 from neurontrace.models.model import NeuronModel, has_module
+from neurontrace.models.placement import loaded_weights
 from neurontrace.neurons import NeuronId, check_neuron
 from neurontrace.tokens import token_strings
 
@@ -52,7 +54,7 @@ class WritesDescription(JsonResult):
 def _norm_gain(model: NeuronModel, norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """``x`` through a norm with its scale held at 1: centring (LayerNorm) and weight (``1 + w`` for Gemma)."""
     if model.adapter.norm_kind == "layernorm":
-        x = x - x.mean()
+        x = x - x.mean(-1, keepdim=True)
     weight = getattr(norm, "weight", None)
     if weight is None:
         return x
@@ -60,17 +62,28 @@ def _norm_gain(model: NeuronModel, norm: nn.Module, x: torch.Tensor) -> torch.Te
     return x * (1.0 + w if model.adapter.norm_kind == "rms_offset" else w)
 
 
-def logit_effects(model: NeuronModel, layer: int, index: int) -> torch.Tensor:
-    """The logit-effect vector ``[vocab]`` of neuron ``index`` of ``layer`` (positive polarity, float32, CPU)."""
-    check_neuron(model, NeuronId(layer, index))
-    unembed = model.unembed.weight.detach()
+def logit_effects(model: NeuronModel, layer: int, index: int | Sequence[int]) -> torch.Tensor:
+    """The logit-effect vector ``[vocab]`` of neuron ``index`` of ``layer`` (positive polarity, float32, CPU);
+    ``[k, vocab]`` for a list of ``k`` indices (one matrix product for all of them).
+
+    Reads the weights directly, each on its own device; those accelerate offloads are loaded for the read.
+    """
+    indices = [index] if isinstance(index, int) else list(index)
+    for i in indices:
+        check_neuron(model, NeuronId(layer, i))
+    path = f"{model.adapter.layers}.{layer}.{POST_MLP_NORM}"
+    post = model.module(path) if POST_MLP_NORM in model.adapter.norms and has_module(model.hf, path) else None
     with torch.no_grad():
-        w = model.w_out(layer)[index].detach().float().to(unembed.device)
-        path = f"{model.adapter.layers}.{layer}.{POST_MLP_NORM}"
-        if POST_MLP_NORM in model.adapter.norms and has_module(model.hf, path):
-            w = _norm_gain(model, model.module(path), w)
-        w = _norm_gain(model, model.final_norm, w)
-        return (unembed.float() @ w).cpu()
+        with loaded_weights(model.down_proj(layer)):
+            w = model.w_out(layer)[indices].detach().float()  # [k, d_model]
+        with loaded_weights([m for m in (post, model.final_norm) if m is not None]):
+            if post is not None:
+                w = _norm_gain(model, post, w)
+            w = _norm_gain(model, model.final_norm, w)
+        with loaded_weights(model.unembed):
+            unembed = model.unembed.weight.detach()
+            effects = (w.to(unembed.device) @ unembed.float().T).cpu()
+    return effects[0] if isinstance(index, int) else effects
 
 
 def describe_writes(model: NeuronModel, neuron: NeuronId, *, k: int = 10) -> WritesDescription:

@@ -19,11 +19,12 @@ from typing import Any
 
 import torch
 
+from neurontrace import distributed
 from neurontrace.attribution.metrics import Metric, make_metric
 from neurontrace.circuits.selection import Circuit, random_circuit_like, select_circuit
 from neurontrace.errors import NeurontraceError
 from neurontrace.models.model import NeuronModel
-from neurontrace.sites import capture, check_site, hook_site
+from neurontrace.sites import capture, check_site, hook_site, site_width
 from neurontrace.tokens import Batch, single_token_id, tokenize_pairs
 
 ABLATIONS: tuple[str, ...] = ("mean", "zero", "resample")
@@ -41,15 +42,16 @@ class EvalSet:
     values: list[torch.Tensor | None]  # per batch: [B, L, T, width] (resample) or None
     mean: torch.Tensor | None  # [L, T, width] (mean ablation)
     forwards: int = 0  # forward passes run so far (for the cost accounting in tests and benchmarks)
+    n_total: int | None = None  # examples over every process (launched distributed, batches are a share)
 
     @property
     def n_examples(self) -> int:
-        return sum(b.size for b, _ in self.batches)
+        return self.n_total if self.n_total is not None else sum(b.size for b, _ in self.batches)
 
     def metric_with(self, keep: torch.Tensor | None) -> float:
         """Mean metric with every node outside ``keep`` (``[L, T, w]`` or ``[L, w]`` bool) ablated.
 
-        ``keep=None`` runs the full model.
+        ``keep=None`` runs the full model. Launched distributed, the sums of every process's share are reduced.
         """
         total = 0.0
         for (batch, metric), values in zip(self.batches, self.values, strict=True):
@@ -64,6 +66,8 @@ class EvalSet:
                 logits = self.model.forward(batch, logits_to_keep=1).logits
             self.forwards += 1
             total += float(metric(logits).sum())
+        if distributed.world().size > 1:
+            total = float(distributed.all_reduce_sum(torch.tensor(total, dtype=torch.float64)))
         return total / self.n_examples
 
     def _ablator(self, li: int, keep: torch.Tensor, values: torch.Tensor | None):
@@ -100,6 +104,10 @@ def prepare_eval(
 
     ``mean``: per-position mean of the site over the counterfactual prompts; ``zero``; ``resample``: each
     example gets the counterfactual activations of another, randomly chosen, test example.
+
+    Launched distributed (:mod:`neurontrace.distributed`), each process keeps a contiguous share of the
+    examples, the mean is reduced over all of them and resample partners are drawn over the whole set, so
+    :meth:`EvalSet.metric_with` gives every process the value one process would compute.
     """
     check_site(site)
     if ablation not in ABLATIONS:
@@ -118,22 +126,9 @@ def prepare_eval(
         )
     answers = [single_token_id(model, get(p, "clean_answer")) for p in pairs]
     contrasts = [single_token_id(model, get(p, "patch_answer")) for p in pairs]
-    batches, patch_acts = [], []
-    for start in range(0, len(pairs), batch_size):
-        rows = list(range(start, min(start + batch_size, len(pairs))))
-        metric = make_metric(
-            "logit-diff", answer=[answers[r] for r in rows], contrast=[contrasts[r] for r in rows]
-        )
-        batches.append((clean_all.select(rows), metric))
-        if ablation != "zero":
-            acts = capture(model, patch_all.select(rows), sites=site, layers=layers, keep_logits=False)
-            patch_acts.append(torch.stack([acts.get(layer, site) for layer in layers], dim=1).cpu())
-    mean, values = None, [None] * len(batches)
-    if ablation == "mean":
-        mean = torch.cat(patch_acts).mean(0)  # [L, T, w]
-    elif ablation == "resample":
-        everything = torch.cat(patch_acts)
-        n = everything.shape[0]
+    n = len(pairs)
+    donor = None
+    if ablation == "resample":  # drawn for the whole test set, so every share of it gets the same partners
         generator = torch.Generator().manual_seed(seed)
         shift = (
             torch.randint(1, max(2, n), (n,), generator=generator)
@@ -141,9 +136,25 @@ def prepare_eval(
             else torch.zeros(1, dtype=torch.long)
         )
         donor = (torch.arange(n) + shift) % n  # never the example itself (when n > 1)
-        values = [everything[donor[start : start + b.size]] for start, (b, _) in zip(
-            range(0, n, batch_size), batches, strict=True)]  # fmt: skip
-    return EvalSet(model, site, layers, ablation, batches, values, mean)
+
+    def patch_acts(rows: list[int]) -> torch.Tensor:
+        acts = capture(model, patch_all.select(rows), sites=site, layers=layers, keep_logits=False)
+        return torch.stack([acts.get(layer, site).cpu() for layer in layers], dim=1)  # [B, L, T, w]
+
+    batches, values = [], []
+    total = torch.zeros(len(layers), clean_all.width, site_width(model, site)) if ablation == "mean" else None
+    share = distributed.shard(n)  # this process's examples (all of them in one process)
+    for start in range(share.start, share.stop, batch_size):
+        rows = list(range(start, min(start + batch_size, share.stop)))
+        metric = make_metric(
+            "logit-diff", answer=[answers[r] for r in rows], contrast=[contrasts[r] for r in rows]
+        )
+        batches.append((clean_all.select(rows), metric))
+        values.append(patch_acts(donor[rows].tolist()) if donor is not None else None)
+        if ablation == "mean":
+            total += patch_acts(rows).float().sum(0)
+    mean = distributed.all_reduce_sum(total) / n if ablation == "mean" else None  # [L, T, w]
+    return EvalSet(model, site, layers, ablation, batches, values, mean, n_total=n)
 
 
 @dataclass
@@ -215,7 +226,11 @@ def sweep(
     seed: int = 0,
     progress: bool = False,
 ) -> Curve:
-    """Faithfulness/completeness over a threshold sweep of ``scores`` (``[L, T, w]`` or ``[L, w]``)."""
+    """Faithfulness/completeness over a threshold sweep of ``scores`` (``[L, T, w]`` or ``[L, w]``).
+
+    Launched distributed, every process must pass the same ``scores`` (as :func:`attribute` returns them): the
+    circuits and the seeded random controls are then the same everywhere and only the metric sums are reduced.
+    """
     f_model = evalset.metric_with(None)
     f_empty = evalset.metric_with(torch.zeros_like(scores, dtype=torch.bool))
     denom = f_model - f_empty
@@ -229,7 +244,9 @@ def sweep(
     if progress:
         from tqdm.auto import tqdm
 
-        iterator = tqdm(thresholds, desc=f"{method}/{evalset.site} sweep", leave=False)
+        iterator = tqdm(
+            thresholds, desc=f"{method}/{evalset.site} sweep", leave=False, disable=not distributed.is_main()
+        )
     for tau in iterator:
         circuit = select_circuit(scores, layers=evalset.layers, site=evalset.site, threshold=tau)
         if circuit.n_nodes in seen:

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from neurontrace import distributed
 from neurontrace.attribution.api import attribute
 from neurontrace.attribution.engine import METHODS
 from neurontrace.attribution.result import AttributionResult
@@ -79,7 +80,11 @@ def run_evaluation(
     progress: bool = True,
     log=print,
 ) -> list[Curve]:
-    """Attribute with every method on ``train`` and sweep circuits on ``test`` for every basis; resumable."""
+    """Attribute with every method on ``train`` and sweep circuits on ``test`` for every basis; resumable.
+
+    Launched distributed, every process computes its share of each attribution and sweep (and gets every
+    curve); only the main process logs and writes files.
+    """
     run.validate()
     if not train or not test:
         raise NeurontraceError("the train and test sets must both be non-empty")
@@ -94,7 +99,12 @@ def run_evaluation(
             raise NeurontraceError(
                 f"{out} holds the results of a different run; choose another --out, or pass --fresh to replace it"
             )
-    write_text_atomic(config_path, json.dumps(config, indent=2))
+    main = distributed.is_main()
+    if not main:
+        log = lambda message: None  # noqa: E731
+    distributed.barrier()  # every process has read the old config before the main one writes it
+    if main:
+        write_text_atomic(config_path, json.dumps(config, indent=2))
     evalsets: dict[str, EvalSet] = {}
     curves: list[Curve] = []
     for basis in run.bases:
@@ -123,7 +133,8 @@ def run_evaluation(
                     checkpoint=result_path.with_name(result_path.name + ".partial"),
                     checkpoint_every_s=30.0,
                 )
-                result.save(result_path)
+                if main:
+                    result.save(result_path)
             t_attr = time.perf_counter() - start
             scores = result.mean_scores if run.nodes == "per-position" else result.position_free
             if scores is None:
@@ -152,7 +163,8 @@ def run_evaluation(
                 "test_batches": len(evalsets[site].batches),
                 "nodes": run.nodes,
             }
-            write_text_atomic(curve_path, curve.to_json())
+            if main:
+                write_text_atomic(curve_path, curve.to_json())
             reach = curve.nodes_to_reach(0.8)
             log(
                 f"  {key}: attribution {t_attr:.1f} s, sweep {curve.meta['sweep_seconds']:.1f} s; "
@@ -163,5 +175,6 @@ def run_evaluation(
                 )
             )
             curves.append(curve)
-    write_text_atomic(out / "curves.json", json.dumps([c.to_dict() for c in curves], indent=2))
+    if main:
+        write_text_atomic(out / "curves.json", json.dumps([c.to_dict() for c in curves], indent=2))
     return curves

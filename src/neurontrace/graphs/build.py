@@ -22,8 +22,17 @@ import torch
 
 from neurontrace.attribution.engine import frozen_parameters, run_sites
 from neurontrace.attribution.metrics import make_metric
-from neurontrace.attribution.replacement import RelPRules, replacement_model
+from neurontrace.attribution.replacement import RelPRules, _promote, replacement_model
 from neurontrace.hooks import add_output_hook
+from neurontrace.memory import (
+    MAX_CHUNK,
+    Shape,
+    attribution_bytes,
+    attribution_peak,
+    available_bytes,
+    check_fits,
+    edge_bytes_per_target,
+)
 from neurontrace.models.model import NeuronModel
 from neurontrace.sites import hook_site
 from neurontrace.tokens import single_token_id, token_strings
@@ -83,24 +92,19 @@ class AttributionGraph:
         return int((self.adjacency != 0).sum())
 
 
-def _chunk_size(model: NeuronModel, width: int, n_inputs: int, requested: int | None) -> int:
-    """Targets per vector-Jacobian product, from the memory each one needs (its gradients of every leaf)."""
+def _chunk_size(model: NeuronModel, prompt_len: int, source_layers: int, requested: int | None) -> int:
+    """Targets per vector-Jacobian product: as many as a quarter of the free memory holds (at most 512).
+
+    Stops early, with the estimate, when not even one target fits (:mod:`neurontrace.memory`).
+    """
     if requested:
         return max(1, requested)
-    per_target = width * n_inputs * 4 * 6  # gradients of every leaf plus backward intermediates, float32
-    if model.device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(model.device)
-    else:
-        free = 2 << 30
-        try:
-            with open("/proc/meminfo") as f:
-                for line in f:
-                    if line.startswith("MemAvailable:"):
-                        free = int(line.split()[1]) * 1024
-        except OSError:
-            pass
+    per_target = edge_bytes_per_target(Shape.of(model), prompt_len=prompt_len, source_layers=source_layers)
+    free = available_bytes(model.device)
+    check_fits(per_target, what="one target of the graph's batched backward", lower="the prompt length",
+               device=model.device)  # fmt: skip
     budget = int(os.environ.get("NEURONTRACE_EDGE_MEMORY", free // 4))
-    return int(max(1, min(512, budget // max(1, per_target))))
+    return int(max(1, min(MAX_CHUNK, budget // max(1, per_target))))
 
 
 def select_targets(
@@ -154,6 +158,9 @@ def build_graph(
     weights = (target_probs / target_probs.sum()).to(torch.float32)
 
     # 1. Node selection: RelP node scores (total effects) for the weighted target logits.
+    selection = attribution_peak(attribution_bytes(Shape.of(model), prompt_len=T))
+    check_fits(selection, what="the graph's node selection", lower="the prompt length", device=model.device)
+
     def weighted_logits(logits: torch.Tensor) -> torch.Tensor:
         last = logits[:, -1].float()
         return (last[:, target_ids] * weights.to(last.device)).sum(-1)
@@ -163,8 +170,9 @@ def build_graph(
         run = run_sites(model, batch, metric, site="neurons", layers=layers, rules=rules)
         grads = torch.autograd.grad(run.metric.sum(), [run.acts[layer] for layer in layers])
     m = float(run.metric[0].detach())
-    acts = torch.stack([run.acts[layer][0].detach() for layer in layers]).float().cpu()  # [L, T, d]
-    scores = acts * torch.stack([g[0] for g in grads]).float().cpu()
+    # per layer to the CPU first: a device map may spread the layers over devices
+    acts = torch.stack([run.acts[layer][0].detach().float().cpu() for layer in layers])  # [L, T, d]
+    scores = acts * torch.stack([g[0].float().cpu() for g in grads])
     flat = scores.flatten().abs()
     keep = (flat >= node_threshold * abs(m)).nonzero().flatten()
     if max_nodes is not None and keep.numel() > max_nodes:
@@ -245,13 +253,14 @@ def direct_effects(
         for i in target_rows:
             n = nodes[i]
             values.append(live[n.layer][0, n.position, n.index] if n.kind == NEURON else logits[n.index])
-        targets = torch.stack(values)
+        # on one device (layers may sit on several) and in float32 (the seeds of the batched backward)
+        targets = torch.stack([_promote(v.to(logits.device)) for v in values])
         source_layers = sorted({n.layer for _, n in neuron_nodes})
         inputs = [e] + [leaves[layer] for layer in source_layers]
         by_layer = {layer: [(i, n) for i, n in neuron_nodes if n.layer == layer] for layer in source_layers}
         N = len(nodes)
         adjacency = torch.zeros(N, N)
-        k = _chunk_size(model, model.d_ff, len(inputs), chunk_size)
+        k = _chunk_size(model, batch.width, len(source_layers), chunk_size)
         chunks = range(0, len(target_rows), k)
         if progress:
             from tqdm.auto import tqdm
@@ -274,7 +283,7 @@ def direct_effects(
             rows_t = torch.tensor(rows)
             g_e = grads[0]
             if g_e is not None:
-                emb = (e.detach()[None] * g_e).sum(-1)[:, 0].float().cpu()  # [K, T]
+                emb = (_promote(e.detach())[None] * _promote(g_e)).sum(-1)[:, 0].float().cpu()  # [K, T]
                 for p in range(T):
                     adjacency[rows_t, index[(EMBEDDING, -1, p, int(batch.input_ids[0, p]))]] = emb[:, p]
             for layer, g in zip(source_layers, grads[1:], strict=True):
@@ -284,6 +293,6 @@ def direct_effects(
                 pos = torch.tensor([n.position for _, n in members])
                 unit = torch.tensor([n.index for _, n in members])
                 leaf = leaves[layer].detach()[0]
-                w = (leaf[pos, unit][None] * g[:, 0, pos, unit]).float().cpu()  # [K, n_sources]
+                w = (_promote(leaf[pos, unit])[None] * _promote(g[:, 0, pos, unit])).float().cpu()  # [K, n]
                 adjacency[rows_t[:, None], torch.tensor([i for i, _ in members])[None, :]] = w
     return adjacency

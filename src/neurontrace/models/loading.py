@@ -133,8 +133,12 @@ def hub_reachable(timeout_s: float = 2.0) -> bool:
 def _device(device: str | None) -> str:
     import torch
 
-    if device in (None, "auto"):
-        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device in (None, "auto") and not torch.cuda.is_available():
+        return "cpu"
+    if device in (None, "auto", "cuda") and torch.cuda.is_available():
+        from neurontrace.distributed import local_rank  # under torchrun: one GPU per process on a machine
+
+        return f"cuda:{local_rank() % torch.cuda.device_count()}"
     return device
 
 
@@ -235,12 +239,40 @@ def convert_gguf(gguf_path: Path, *, progress: bool = True) -> Path:
 
 
 # -------------------------------------------------------------------------------------------- load
+DEVICE_MAP_STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
+
+
+def parse_device_map(text: str | None) -> str | dict | None:
+    """A ``--device-map`` value: a strategy name (``auto``...), a JSON object, or a ``.json`` file holding one."""
+    if text is None or text in DEVICE_MAP_STRATEGIES:
+        return text
+    source = text
+    if not text.lstrip().startswith("{"):
+        path = Path(text).expanduser()
+        if not path.is_file():
+            raise NeurontraceError(
+                f"--device-map {text!r} is not {', '.join(DEVICE_MAP_STRATEGIES)}, a JSON object or a .json file"
+            )
+        source = path.read_text()
+    try:
+        value = json.loads(source)
+    except json.JSONDecodeError as exc:
+        raise NeurontraceError(f"--device-map is not valid JSON: {exc}") from None
+    if not isinstance(value, dict) or not all(isinstance(d, (str, int)) for d in value.values()):
+        raise NeurontraceError(
+            '--device-map must map module names to devices, e.g. {"model.layers.3": "cpu"}'
+        )
+    return value
+
+
 def load_model(
     spec: str = DEFAULT_MODEL,
     *,
     device: str | None = "auto",
     dtype: Any = "float32",
     device_map: str | dict | None = None,
+    offload_folder: str | os.PathLike | None = None,
+    max_memory: dict | None = None,
     trust_remote_code: bool = False,
     progress: bool = False,
 ) -> NeuronModel:
@@ -250,8 +282,15 @@ def load_model(
         spec: a hub id (``"Qwen/Qwen3-0.6B"``), a local model folder, a ``.gguf`` file, or an alias
             (``"smollm2-135m"``, the offline default; ``"gemma3-270m"``).
         device: ``"auto"`` (CUDA if available, else CPU), ``"cpu"``, ``"cuda:1"``... Ignored with ``device_map``.
-        dtype: ``"float32"`` (default: attribution wants full precision), ``"bfloat16"``, ``"float16"``.
-        device_map: passed to ``from_pretrained`` (``"auto"`` spreads a large model over the available devices).
+            ``"meta"`` builds the module tree without reading any weights (for shapes and memory estimates).
+        dtype: ``"float32"`` (default: attribution wants full precision), ``"bfloat16"``, ``"float16"``. The
+            forward runs in this precision; scores, metrics and the RelP factors are kept in float32 either way.
+        device_map: passed to ``from_pretrained``, which dispatches the model with accelerate: ``"auto"`` spreads
+            a large model over the GPUs, then CPU memory, then disk; a dict maps module names (``"model.layers.3"``)
+            to ``"cuda:0"``, ``0``, ``"cpu"`` or ``"disk"``. Every pipeline works on a dispatched model.
+        offload_folder: where weights mapped to ``"disk"`` are written. Weights of a safetensors checkpoint are
+            read in place, so it is needed only for other formats (transformers says so when it is).
+        max_memory: with ``device_map="auto"``, the memory to use per device (``{0: "20GiB", "cpu": "60GiB"}``).
         trust_remote_code: only when you trust the repository; never on by default.
         progress: print what is being loaded, and how long it took, to stderr.
     """
@@ -288,16 +327,35 @@ def load_model(
     }
     if device_map is not None:
         kwargs["device_map"] = device_map
+        if offload_folder is not None:
+            kwargs["offload_folder"] = str(offload_folder)
+        if max_memory is not None:
+            kwargs["max_memory"] = max_memory
+    elif offload_folder is not None or max_memory is not None:
+        raise NeurontraceError(
+            "offload_folder and max_memory only apply with a device_map (e.g. device_map='auto')"
+        )
     try:
-        hf = AutoModelForCausalLM.from_pretrained(location, config=config, **kwargs)
+        if device == "meta" and device_map is None:  # shapes only, no weights read (memory estimates)
+            from accelerate import init_empty_weights
+
+            with init_empty_weights():
+                hf = AutoModelForCausalLM.from_config(config, dtype=kwargs["dtype"])
+        else:
+            hf = AutoModelForCausalLM.from_pretrained(location, config=config, **kwargs)
         tokenizer = AutoTokenizer.from_pretrained(
             location, trust_remote_code=trust_remote_code, local_files_only=local_only
         )
     except NeurontraceError:
         raise
     except Exception as exc:
+        if offload_folder is None and "offload_folder" in str(exc):  # disk offload of non-safetensors weights
+            raise ModelLoadError(
+                f"could not load model {spec!r}: its device map offloads weights to disk that must be re-saved; "
+                "give an offload_folder (--offload-folder) for them"
+            ) from None
         raise ModelLoadError(f"could not load model {spec!r} from {location}: {_first_line(exc)}") from None
-    if device_map is None:
+    if device_map is None and device != "meta":
         hf.to(_device(device))
     model = NeuronModel(hf=hf, tokenizer=tokenizer, adapter=adapter, name=resolved.name, source=location)
     if progress:

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from neurontrace.models.adapters import ArchAdapter, adapter_for
+from neurontrace.models.placement import execution_device
 
 if TYPE_CHECKING:  # pragma: no cover
     from neurontrace.tokens import Batch
@@ -77,8 +78,9 @@ class NeuronModel:
 
     @property
     def device(self) -> torch.device:
-        """Device of the input embeddings (where input ids must go)."""
-        return self.embed.weight.device
+        """Device of the input embeddings (where input ids must go): their execution device when accelerate has
+        dispatched the model (the weights may then be offloaded to the CPU or disk, on the ``meta`` device)."""
+        return execution_device(self.embed)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -112,7 +114,11 @@ class NeuronModel:
         return self.layer_module(layer, self.adapter.down)
 
     def w_out(self, layer: int) -> torch.Tensor:
-        """Output weights of ``layer``'s neurons as ``[d_ff, d_model]``: row i is what neuron i writes."""
+        """Output weights of ``layer``'s neurons as ``[d_ff, d_model]``: row i is what neuron i writes.
+
+        On a model whose layer accelerate offloads, read them inside ``loaded_weights(model.down_proj(layer))``
+        (:mod:`neurontrace.models.placement`); outside it they are on the ``meta`` device (shape only).
+        """
         w = self.down_proj(layer).weight
         return w if self.adapter.down_is_conv1d else w.T
 

@@ -526,6 +526,7 @@
 
     chips(box, "Top promoted tokens", n.top_tokens, "chip");
     chips(box, "Bottom (suppressed) tokens", n.bottom_tokens, "chip bottom");
+    contexts(box, n.top_contexts);
     edgeList(box, "Strongest incoming", incoming.get(id) || [], "source");
     edgeList(box, "Strongest outgoing", outgoing.get(id) || [], "target");
   }
@@ -537,6 +538,24 @@
     tokens.slice(0, 20).forEach(function (t) {
       h("span", cls, String(t), wrap);
     });
+  }
+
+  // Top-activating contexts (from `neurontrace graph --contexts`): text before, the token, text after.
+  function contexts(box, list) {
+    if (!Array.isArray(list) || !list.length) return;
+    h("h4", null, "Top-activating contexts", box);
+    var ul = h("ul", "contexts", null, box);
+    list.slice(0, 10).forEach(function (c) {
+      var li = h("li", "mono", null, ul);
+      h("span", "ctx-act", fmt(c.activation) + " ", li);
+      h("span", null, joinTokens(c.before), li);
+      h("mark", null, String(c.token === undefined ? "" : c.token), li);
+      h("span", null, joinTokens(c.after), li);
+    });
+  }
+
+  function joinTokens(tokens) {
+    return Array.isArray(tokens) ? tokens.map(String).join("") : String(tokens === undefined ? "" : tokens);
   }
 
   function edgeList(box, title, list, end) {

@@ -1,0 +1,227 @@
+"""Data-parallel runs: two processes under ``torchrun`` (gloo, CPU) give the result of one process.
+
+The two-process runs are launched as subprocesses (``python -m torch.distributed.run``) on a tiny model saved to
+a folder and on the default model; the one-process reference runs in this process with the same settings.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import distributed_worker as worker
+import pytest
+import torch
+from conftest import make_tiny_hf, word_tokenizer
+
+from neurontrace import distributed
+from neurontrace.attribution.result import AttributionResult
+from neurontrace.models.loading import load_model
+from neurontrace.tasks import Pair, save_pairs
+
+WORKER = Path(__file__).resolve().parent / "distributed_worker.py"
+ATOL = 1e-5
+NOUNS = [("dog", "dogs"), ("key", "keys"), ("table", "tables"), ("cabinet", "cabinets")]
+TINY_PAIRS = [
+    Pair(f"the {sg} near the {o}", f"the {pl} near the {o}", " is", " are")
+    for sg, pl in NOUNS
+    for o in ("table", "dog")
+] + [
+    Pair(f"the {pl} near the {o}", f"the {sg} near the {o}", " are", " is")
+    for sg, pl in NOUNS
+    for o in ("key",)
+]
+
+
+def torchrun(*args: str, nproc: int = 2, timeout: float = 240) -> subprocess.CompletedProcess:
+    """Run ``args`` (a script or ``-m module`` and its arguments) in ``nproc`` processes; must succeed."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error"}
+    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(name, None)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *args]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
+    assert proc.returncode == 0, f"torchrun failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
+    return proc
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory) -> str:
+    path = tmp_path_factory.mktemp("tiny-llama")
+    make_tiny_hf("llama", seed=3).save_pretrained(path)
+    word_tokenizer().save_pretrained(path)
+    return str(path)
+
+
+def close(a: torch.Tensor | None, b: torch.Tensor | None, name: str) -> None:
+    assert (a is None) == (b is None), f"{name}: present in one result only"
+    if a is not None:
+        assert a.shape == b.shape, f"{name}: shapes {tuple(a.shape)} and {tuple(b.shape)}"
+        diff = float((a - b).abs().max()) if a.numel() else 0.0
+        scale = max(1.0, float(b.abs().max())) if b.numel() else 1.0
+        assert diff <= ATOL * scale, f"{name}: largest difference {diff:.2e} > {ATOL} x {scale:.3g}"
+
+
+def same_result(got: AttributionResult, ref: AttributionResult) -> None:
+    assert got.n_examples == ref.n_examples
+    for name in ("scores_sum", "mean_scores", "metric_clean", "metric_patch", "acts_mean", "acts_sum_mean"):
+        close(getattr(got, name), getattr(ref, name), name)
+    close(got.scores, ref.scores, "scores")
+    assert got.meta["tokens"] == ref.meta["tokens"] and got.meta["prompts"] == ref.meta["prompts"]
+
+
+def same_curves(got: dict, ref: dict) -> None:
+    assert got.keys() == ref.keys()
+    for ablation, curve in ref.items():
+        other = got[ablation]
+        assert (
+            abs(other["f_model"] - curve["f_model"]) <= ATOL
+            and abs(other["f_empty"] - curve["f_empty"]) <= ATOL
+        )
+        assert [p["n_nodes"] for p in other["points"]] == [p["n_nodes"] for p in curve["points"]]
+        for p, q in zip(other["points"], curve["points"], strict=True):
+            for key in ("faithfulness", "completeness", "random_faithfulness"):
+                assert abs(p[key] - q[key]) <= ATOL, (
+                    f"{ablation} {key} at {q['n_nodes']} nodes: {p[key]} vs {q[key]}"
+                )
+
+
+def compare_with_one_process(
+    model, spec: str, train: list[Pair], test: list[Pair], tmp_path, layers=None
+) -> None:
+    """Run the worker in two processes and check each one's results against this process's."""
+    save_pairs(tmp_path / "train.jsonl", train)
+    save_pairs(tmp_path / "test.jsonl", test)
+    result, unpaired, curves = worker.run(model, train, test, None, layers)
+    torch.save(result.mean_scores, tmp_path / "scores.pt")  # the two processes sweep the very same scores
+    args = [str(WORKER), spec, str(tmp_path / "train.jsonl"), str(tmp_path / "test.jsonl")]
+    args += [str(tmp_path / "scores.pt"), str(tmp_path)] + ([",".join(map(str, layers))] if layers else [])
+    torchrun(*args)
+    for rank in (0, 1):
+        same_result(AttributionResult.load(tmp_path / f"rank{rank}.safetensors"), result)
+        got = AttributionResult.load(tmp_path / f"rank{rank}-mean.safetensors")
+        assert unpaired.mean_scores is None and got.mean_scores is None  # two token lengths
+        for name in ("scores_sum", "acts_sum_mean", "metric_clean"):
+            close(getattr(got, name), getattr(unpaired, name), f"mean baseline {name}")
+        assert got.meta["tokens"] == unpaired.meta["tokens"]
+        same_curves(json.loads((tmp_path / f"rank{rank}-curves.json").read_text()), curves)
+    # every process holds the same result, bit for bit
+    a, b = (AttributionResult.load(tmp_path / f"rank{r}.safetensors") for r in (0, 1))
+    assert torch.equal(a.scores_sum, b.scores_sum) and torch.equal(a.mean_scores, b.mean_scores)
+    assert (tmp_path / "rank0-curves.json").read_text() == (tmp_path / "rank1-curves.json").read_text()
+
+
+# ------------------------------------------------------------------------------------------ one process
+def test_one_process_is_untouched(monkeypatch):
+    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    t = torch.arange(6.0).reshape(3, 2)
+    assert distributed.world() == (0, 1) and distributed.is_main() and distributed.shard(5) == range(5)
+    assert distributed.gather_rows(t) is t and distributed.all_reduce_sum(t) is t
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert distributed.world() == (0, 1) and not torch.distributed.is_initialized()
+
+
+@pytest.mark.parametrize("size", [1, 2, 3, 5])
+def test_split_is_a_contiguous_partition_in_order(size):
+    for n in range(12):
+        parts = [distributed.split(n, rank, size) for rank in range(size)]
+        assert [i for part in parts for i in part] == list(range(n))
+        assert max(map(len, parts)) - min(map(len, parts)) <= 1
+
+
+def test_build_graphs_yields_this_process_share(monkeypatch):
+    from conftest import make_tiny
+
+    from neurontrace.graphs.many import build_graphs
+
+    model = make_tiny("llama")
+    prompts = ["the keys near the", "the dog near the table", "the key to the"]
+    assert [i for i, _ in build_graphs(model, prompts, max_nodes=5)] == [0, 1, 2]
+    monkeypatch.setattr(distributed, "world", lambda: distributed.World(1, 2))  # the second of two processes
+    got = list(build_graphs(model, prompts, max_nodes=5))
+    assert [i for i, _ in got] == [2] and got[0][1].prompt == prompts[2]
+
+
+# ------------------------------------------------------------------------------------------ two processes
+def test_two_processes_tiny_model(tiny_folder, tmp_path):
+    model = load_model(tiny_folder, device="cpu")
+    compare_with_one_process(model, tiny_folder, TINY_PAIRS, TINY_PAIRS[::2], tmp_path)
+
+
+@pytest.mark.default_model
+def test_two_processes_default_model(default_model, tmp_path):
+    from neurontrace.tasks import generate_sva
+
+    pairs = generate_sva("nounpp", n=16, seed=1, tokenizer=default_model.tokenizer)
+    compare_with_one_process(
+        default_model, "smollm2-135m", pairs[:8], pairs[8:], tmp_path, layers=list(range(18, 30))
+    )
+
+
+def test_cli_attribute_writes_one_result(tiny_folder, tmp_path):
+    from neurontrace.cli import main
+
+    save_pairs(tmp_path / "train.jsonl", TINY_PAIRS)
+    common = [
+        "--model",
+        tiny_folder,
+        "--device",
+        "cpu",
+        "--dataset",
+        str(tmp_path / "train.jsonl"),
+        "--batch-size",
+        "2",
+    ]
+    assert main(["attribute", *common, "--out", str(tmp_path / "one.safetensors")]) == 0
+    (tmp_path / "two").mkdir()
+    proc = torchrun(
+        "-m", "neurontrace.cli", "attribute", *common, "--out", str(tmp_path / "two" / "result.safetensors")
+    )
+    assert [p.name for p in (tmp_path / "two").iterdir()] == ["result.safetensors"]  # no checkpoints left
+    assert (
+        proc.stdout.count("wrote ") == 1 and proc.stdout.count("Top neurons") == 1
+    )  # printed by rank 0 only
+    same_result(
+        AttributionResult.load(tmp_path / "two" / "result.safetensors"),
+        AttributionResult.load(tmp_path / "one.safetensors"),
+    )
+
+
+RUN_COMMANDS = """
+import json, sys
+from neurontrace.cli import main
+for argv in json.loads(sys.argv[1]):
+    if main(argv) != 0:
+        sys.exit(1)
+"""
+
+
+def test_cli_evaluate_and_graphs(tiny_folder, tmp_path):
+    from neurontrace.cli import main
+
+    save_pairs(tmp_path / "train.jsonl", TINY_PAIRS)
+    save_pairs(tmp_path / "test.jsonl", TINY_PAIRS[1::2])
+    (tmp_path / "prompts.txt").write_text("the keys near the\nthe dog near the table\n\nthe key to the\n")
+    model = ["--model", tiny_folder, "--device", "cpu"]
+    evaluate = ["evaluate", *model, "--dataset", str(tmp_path / "train.jsonl"), "--test-dataset"]
+    evaluate += [str(tmp_path / "test.jsonl"), "--methods", "relp,random", "--bases", "neurons,resid"]
+    evaluate += ["--points", "4", "--batch-size", "2"]
+    graph = ["graph", *model, "--prompts", str(tmp_path / "prompts.txt"), "--max-nodes", "20"]
+    assert main([*evaluate, "--out", str(tmp_path / "one")]) == 0
+    (tmp_path / "run.py").write_text(RUN_COMMANDS)
+    argvs = [[*evaluate, "--out", str(tmp_path / "two")], [*graph, "--out", str(tmp_path / "graphs")]]
+    proc = torchrun(str(tmp_path / "run.py"), json.dumps(argvs))
+    assert proc.stdout.count("Report:") == 1 and proc.stdout.count("3 graphs; index:") == 1
+    one, two = (json.loads((tmp_path / d / "curves.json").read_text()) for d in ("one", "two"))
+    same_curves(
+        {f"{c['method']}-{c['basis']}": c for c in two}, {f"{c['method']}-{c['basis']}": c for c in one}
+    )
+    index = json.loads((tmp_path / "graphs" / "index.json").read_text())
+    assert [g["prompt"] for g in index] == ["the keys near the", "the dog near the table", "the key to the"]
+    for g in index:  # each process wrote its share of the graphs
+        for kind in ("json", "full", "html"):
+            assert (tmp_path / "graphs" / g[kind]).is_file()
+        assert json.loads((tmp_path / "graphs" / g["full"]).read_text())["prompt"] == g["prompt"]
