@@ -17,6 +17,11 @@ from neurontrace.models.loading import load_model
 from neurontrace.memory import estimate, measured_peak
 from neurontrace.tasks import generate_sva
 what, T, nodes = {what!r}, {T}, {nodes}
+if what == "load":
+    start = time.perf_counter()
+    model, peak = measured_peak(lambda: load_model("smollm2-135m", device="cpu"))
+    print(json.dumps({{"seconds": time.perf_counter() - start, "peak": peak}}))
+    raise SystemExit
 model = load_model("smollm2-135m", device="cpu")
 ids = model.tokenizer.encode(" the keys to the old cabinet near the door" * 64)[:T]
 prompt = model.tokenizer.decode(ids)
@@ -69,6 +74,14 @@ def main() -> dict:
     rows = []
     for key, r in results.items():
         what, T, nodes = key.split("-")
+        if what == "load":
+            rows.append(
+                (
+                    "model load (cached conversion), weights included",
+                    f"{r['seconds']:.1f} s, peak +{mb(r['peak'])}",
+                )
+            )
+            continue
         if what == "sweep":
             rows.append((
                 f"evaluation sweep (RelP neurons, mean ablation, {r['n_test']} nounpp test pairs, {r['points']} "

@@ -17,14 +17,19 @@ import bench_attribution
 import bench_graph
 import bench_ig_rule
 import bench_load
+import bench_memory
+import bench_parallel
 from common import machine
 
-BENCHMARKS = [bench_load, bench_attribution, bench_graph, bench_ig_rule]
+BENCHMARKS = [bench_load, bench_attribution, bench_parallel, bench_graph, bench_memory, bench_ig_rule]
 
 
 def main() -> None:
+    only = set(sys.argv[1:])  # e.g. `python benchmarks/run.py bench_memory bench_parallel`
     print(f"Machine: {machine()}  \nDate: {date.today().isoformat()}  \nCommand: `make bench`\n")
     for bench in BENCHMARKS:
+        if only and bench.__name__ not in only:
+            continue
         section = bench.main()
         print(f"### {section['title']}\n\n| measurement | value |\n|---|---|")
         for name, value in section["rows"]:
