@@ -17,11 +17,11 @@ from typing import Any
 
 import torch
 
+from neurontrace.casestudies.common import teacher_forced_correct
 from neurontrace.circuits.hypotheses import attribute_prompts, score_hypotheses
 from neurontrace.errors import NeurontraceError
 from neurontrace.io import JsonResult, write_text_atomic
 from neurontrace.models.model import NeuronModel
-from neurontrace.tokens import Batch, encode, pad_id_of
 
 LABELINGS = {
     "sum mod 10": lambda x, y: (x + y) % 10,
@@ -45,30 +45,6 @@ class AdditionReport(JsonResult):
     top: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
     schema_version: int = 1
-
-
-def teacher_forced_correct(
-    model: NeuronModel, prompts: list[str], answers: list[str], batch_size: int = 32
-) -> torch.Tensor:
-    """Per prompt: does the model's argmax reproduce every token of the answer (given the ones before)?"""
-    out = []
-    for start in range(0, len(prompts), batch_size):
-        rows = []
-        n_answer = []
-        for p, a in zip(
-            prompts[start : start + batch_size], answers[start : start + batch_size], strict=True
-        ):
-            ans = model.tokenizer.encode(a, add_special_tokens=False)
-            rows.append(encode(model, p) + ans)
-            n_answer.append(ans)
-        batch = Batch.from_ids(rows, pad_id=pad_id_of(model.tokenizer))
-        with torch.no_grad():
-            pred = model.forward(batch).logits.argmax(-1)
-        for i, ans in enumerate(n_answer):
-            n = len(ans)
-            guess = pred[i, -n - 1 : -1].tolist()
-            out.append(guess == ans)
-    return torch.tensor(out)
 
 
 def run_addition(

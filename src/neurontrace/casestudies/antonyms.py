@@ -34,6 +34,7 @@ from neurontrace.casestudies.common import (
     chat_prompt,
     first_token,
     next_token_logprobs,
+    teacher_forced_correct,
     write_graph_bundle,
 )
 from neurontrace.circuits.hypotheses import attribute_prompts, auroc, score_hypotheses
@@ -120,26 +121,6 @@ class AntonymsReport(JsonResult):
     schema_version: int = 1
 
 
-def _accuracy(
-    model: NeuronModel, prompts: list[str], answers: list[str], batch_size: int = 24
-) -> torch.Tensor:
-    """Per prompt: is every token of the answer the argmax given the ones before (teacher-forced)?"""
-    out = []
-    for start in range(0, len(prompts), batch_size):
-        rows, lens = [], []
-        for p, a in zip(
-            prompts[start : start + batch_size], answers[start : start + batch_size], strict=True
-        ):
-            ans = encode(model, a, add_special_tokens=False)
-            rows.append(encode(model, p) + ans)
-            lens.append(ans)
-        batch = Batch.from_ids(rows, pad_id=pad_id_of(model.tokenizer))
-        with torch.no_grad():
-            pred = model.forward(batch).logits.argmax(-1)
-        out += [pred[i, -len(a) - 1 : -1].tolist() == a for i, a in enumerate(lens)]
-    return torch.tensor(out)
-
-
 def _answer_logprob(
     model: NeuronModel, prompts: list[str], answers: list[str], edits: Sequence[Edit] = ()
 ) -> torch.Tensor:
@@ -199,7 +180,7 @@ def run_antonyms(
     times: dict[str, float] = {}
 
     start = time.perf_counter()
-    correct = _accuracy(model, prompts, answers)
+    correct = teacher_forced_correct(model, prompts, answers)
     accuracy = {
         g: float(correct[[i for i, x in enumerate(langs) if x == g]].float().mean()) for g in languages
     }

@@ -12,7 +12,7 @@ import torch
 
 from neurontrace.attribution.api import attribute
 from neurontrace.models.model import NeuronModel
-from neurontrace.tokens import encode, tokenize
+from neurontrace.tokens import Batch, encode, pad_id_of, tokenize
 
 
 def chat_prompt(model: NeuronModel, question: str, answer_prefix: str = "") -> str:
@@ -55,6 +55,30 @@ def next_token_logprobs(model: NeuronModel, prompts: Sequence[str], batch_size: 
             logits = model.forward(batch, logits_to_keep=1).logits[:, -1].float()
         rows.append(logits.log_softmax(-1).cpu())
     return torch.cat(rows)
+
+
+def teacher_forced_correct(
+    model: NeuronModel, prompts: list[str], answers: list[str], batch_size: int = 32
+) -> torch.Tensor:
+    """Per prompt: does the model's argmax reproduce every token of the answer (given the ones before)?"""
+    out = []
+    for start in range(0, len(prompts), batch_size):
+        rows = []
+        n_answer = []
+        for p, a in zip(
+            prompts[start : start + batch_size], answers[start : start + batch_size], strict=True
+        ):
+            ans = model.tokenizer.encode(a, add_special_tokens=False)
+            rows.append(encode(model, p) + ans)
+            n_answer.append(ans)
+        batch = Batch.from_ids(rows, pad_id=pad_id_of(model.tokenizer))
+        with torch.no_grad():
+            pred = model.forward(batch).logits.argmax(-1)
+        for i, ans in enumerate(n_answer):
+            n = len(ans)
+            guess = pred[i, -n - 1 : -1].tolist()
+            out.append(guess == ans)
+    return torch.tensor(out)
 
 
 @dataclass
