@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from conftest import make_tiny
 
 from neurontrace import memory
@@ -107,3 +108,19 @@ def test_estimate_command_reads_no_weights(capsys):
     assert main(["estimate", "--prompt-len", "32", "--nodes", "100"]) == 0
     out = capsys.readouterr().out
     assert "attribution (batch 1)" in out and "graph (100 neuron nodes)" in out and "fits" in out
+
+
+def test_auto_batch_size_fills_a_quarter_of_the_free_memory(monkeypatch):
+    from neurontrace.attribution.api import attribute
+
+    model = make_tiny("llama")
+    shape = memory.Shape.of(model)
+    one = memory.attribution_peak(memory.attribution_bytes(shape, prompt_len=4))
+    monkeypatch.setattr(memory, "available_bytes", lambda device=None: 4 * 3 * one + 3)
+    assert memory.auto_batch_size(shape, prompt_len=4) == 3
+    prompts, answers = ["a b c d", "b c d a", "c d a b", "d a b c", "a a b b"], [" e"] * 5
+    fixed = attribute(model, prompts=prompts, answers=answers, batch_size=2)
+    auto = attribute(model, prompts=prompts, answers=answers, batch_size="auto")
+    assert torch.allclose(fixed.scores_sum, auto.scores_sum, atol=1e-6)
+    with pytest.raises(NeurontraceError, match="whole number"):
+        attribute(model, prompts=prompts, answers=answers, batch_size="big")

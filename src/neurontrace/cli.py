@@ -32,6 +32,15 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
+def _batch_size(text: str) -> int | str:
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number or 'auto', got {text!r}") from None
+
+
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--model",
@@ -140,7 +149,12 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--ig-rule", default="midpoint", choices=["midpoint", "left"], help="integrated-gradients rule"
     )
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument(
+        "--batch-size",
+        type=_batch_size,
+        default=8,
+        help="prompts per batch, or 'auto' (the largest that fits in a quarter of the free memory)",
+    )
     p.add_argument("--top", type=int, default=20, help="how many neurons to print")
     p.add_argument("--verify", type=int, default=0, metavar="K", help="also patch the top K nodes exactly")
     p.add_argument(

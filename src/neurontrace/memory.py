@@ -83,6 +83,14 @@ def attribution_peak(parts: dict[str, int]) -> int:
     return max(sum(v for k, v in parts.items() if k != RESULTS), parts[RESULTS] + parts["counterfactual"])
 
 
+def auto_batch_size(shape: Shape, *, prompt_len: int, paired: bool = False, device: Any = None,
+                    cap: int = 64, share: float = 0.25) -> int:  # fmt: skip
+    """The largest attribution batch (at most ``cap``) whose estimated peak fits in ``share`` of the free memory."""
+    one = attribution_peak(attribution_bytes(shape, prompt_len=prompt_len, paired=paired))
+    budget = int(available_bytes(device) * share)
+    return int(max(1, min(cap, budget // max(1, one))))
+
+
 def edge_bytes_per_target(shape: Shape, *, prompt_len: int, source_layers: int | None = None) -> int:
     """Memory one target of a graph's batched backward needs (bytes): its gradient of every source layer's
     neurons, plus vocabulary-sized buffers. Without ``source_layers``, a measured share of all layers."""

@@ -194,7 +194,7 @@ def attribute(
     rules: RelPRules | None = None,
     steps: int = 32,
     ig_rule: str = "midpoint",
-    batch_size: int = 8,
+    batch_size: int | str = 8,
     max_rows: int = 64,
     seed: int = 0,
     keep_per_example: bool | None = None,
@@ -209,6 +209,8 @@ def attribute(
     :class:`neurontrace.tasks.Pair`), or a JSONL ``dataset``. The default metric is the
     logit difference for pairs or a prompt with a contrast, else the answer's logit (``logprob`` teacher-forces
     multi-token answers). ``baseline`` (``zero`` or ``mean``) is used for prompts without a counterfactual.
+    ``batch_size="auto"`` takes the largest batch (at most 64) whose estimated peak memory fits in a quarter
+    of the free memory (:mod:`neurontrace.memory`); a fixed batch that cannot fit stops before any compute.
     ``checkpoint`` names a file where partial results are saved every ``checkpoint_every_s`` seconds; a run
     with the same inputs and settings resumes from it.
 
@@ -222,8 +224,9 @@ def attribute(
         raise NeurontraceError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
     if baseline not in ("zero", "mean"):
         raise NeurontraceError(f"unknown baseline {baseline!r}; choose zero or mean")
-    if batch_size < 1:
-        raise NeurontraceError("the batch size must be at least 1")
+    auto_batch = batch_size == "auto"
+    if not auto_batch and (not isinstance(batch_size, int) or batch_size < 1):
+        raise NeurontraceError(f"the batch size must be a whole number >= 1 or 'auto', got {batch_size!r}")
     examples = examples_from(
         prompt=prompt,
         answer=answer,
@@ -263,17 +266,23 @@ def attribute(
         max_rows=max_rows,
         seed=seed,
     )
-    base = None
-    if not paired and baseline == "mean":
-        base = mean_activations(model, examples, site=site, layers=layers, batch_size=batch_size)
-
     width = site_width(model, site)
     longest = 0
     for start in range(0, len(examples), 256):  # fail on bad examples before any compute or progress bar
         chunk = examples[start : start + 256]
         metric_obj, forced = _metric_for(model, chunk, metric, metric_fn, topk)
         longest = max(longest, _tokenize(model, chunk, metric_obj if forced else None)[0].width)
+    if auto_batch:  # the largest batch whose estimated peak takes a quarter of the free memory
+        from neurontrace import memory
+
+        batch_size = memory.auto_batch_size(
+            memory.Shape.of(model), prompt_len=longest, paired=paired, device=model.device
+        )
     _check_memory(model, longest, min(batch_size, len(examples)), paired)
+    base = None
+    if not paired and baseline == "mean":
+        base = mean_activations(model, examples, site=site, layers=layers, batch_size=batch_size)
+
     rank, size = distributed.world()
     split = size > 1 and method != "random" and len(examples) >= size  # random draws depend on the batches
     share = distributed.split(len(examples), rank, size) if split else range(len(examples))
