@@ -175,8 +175,9 @@ class MemoryEstimate(JsonResult):
 
 
 def estimate(model: Any, *, prompt_len: int, nodes: int = 200, batch_size: int = 1, paired: bool = False,
-             logits: int = 5) -> MemoryEstimate:  # fmt: skip
-    """Memory estimate for ``model`` (a loaded NeuronModel) at ``prompt_len`` tokens."""
+             logits: int = 5, device: Any = None) -> MemoryEstimate:  # fmt: skip
+    """Memory estimate for ``model`` (a loaded NeuronModel, or one built on ``meta``) at ``prompt_len`` tokens;
+    ``available`` is the free memory of ``device`` (default: the model's)."""
     if prompt_len < 1 or nodes < 0 or batch_size < 1:
         raise NeurontraceError("--prompt-len and --batch-size must be at least 1, --nodes at least 0")
     shape = Shape.of(model)
@@ -185,7 +186,7 @@ def estimate(model: Any, *, prompt_len: int, nodes: int = 200, batch_size: int =
     return MemoryEstimate(
         model.name, str(model.dtype).replace("torch.", ""), prompt_len, batch_size, nodes,
         shape.n_params * shape.itemsize, attr, graph, attribution_peak(attr), graph_peak(graph),
-        available_bytes(model.device),
+        available_bytes(device if device is not None else model.device),
     )  # fmt: skip
 
 

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from neurontrace import __version__, distributed
+from neurontrace import __version__, distributed, memory
 from neurontrace.attribution.engine import METHODS, BatchAttributor, run_sites
 from neurontrace.attribution.metrics import Metric, make_metric
 from neurontrace.attribution.replacement import RelPRules
@@ -273,8 +273,6 @@ def attribute(
         metric_obj, forced = _metric_for(model, chunk, metric, metric_fn, topk)
         longest = max(longest, _tokenize(model, chunk, metric_obj if forced else None)[0].width)
     if auto_batch:  # the largest batch whose estimated peak takes a quarter of the free memory
-        from neurontrace import memory
-
         batch_size = memory.auto_batch_size(
             memory.Shape.of(model), prompt_len=longest, paired=paired, device=model.device
         )
@@ -348,8 +346,6 @@ def attribute(
 
 def _check_memory(model: NeuronModel, prompt_len: int, batch_size: int, paired: bool) -> None:
     """Stop before any compute when one batch will not fit (see :mod:`neurontrace.memory`)."""
-    from neurontrace import memory
-
     parts = memory.attribution_bytes(
         memory.Shape.of(model), prompt_len=prompt_len, batch_size=batch_size, paired=paired
     )

@@ -30,6 +30,7 @@ from typing import Any
 import torch
 
 from neurontrace.casestudies.common import (
+    answer_readout,
     bar_plot,
     chat_prompt,
     first_token,
@@ -39,10 +40,9 @@ from neurontrace.casestudies.common import (
 )
 from neurontrace.circuits.hypotheses import attribute_prompts, auroc, score_hypotheses
 from neurontrace.errors import NeurontraceError
-from neurontrace.interventions import Edit, intervene
+from neurontrace.interventions import Edit
 from neurontrace.io import JsonResult, write_text_atomic
 from neurontrace.models.model import NeuronModel
-from neurontrace.tokens import Batch, encode, pad_id_of
 
 # attribute -> (word, opposite) per language
 PAIRS: dict[str, dict[str, tuple[str, str]]] = {
@@ -119,21 +119,6 @@ class AntonymsReport(JsonResult):
     graph: dict[str, Any] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
     schema_version: int = 1
-
-
-def _answer_logprob(
-    model: NeuronModel, prompts: list[str], answers: list[str], edits: Sequence[Edit] = ()
-) -> torch.Tensor:
-    """Teacher-forced log-probability of each answer, optionally under edits (one prompt at a time)."""
-    out = []
-    for p, a in zip(prompts, answers, strict=True):
-        prompt_ids, ans = encode(model, p), encode(model, a, add_special_tokens=False)
-        batch = Batch.from_ids([prompt_ids + ans], pad_id=pad_id_of(model.tokenizer))
-        with torch.no_grad(), intervene(model, list(edits)):
-            logp = model.forward(batch).logits[0].float().log_softmax(-1)
-        n = len(prompt_ids)
-        out.append(sum(float(logp[n - 1 + i, t]) for i, t in enumerate(ans)))
-    return torch.tensor(out)
 
 
 def _within_language(
@@ -273,12 +258,12 @@ def _steer_shared(model: NeuronModel, data: list[Item], prompts: list[str], answ
     for lang in languages:
         idx = [i for i, it in enumerate(data) if it.language == lang and it.concept == concept]
         p, a = [prompts[i] for i in idx], [answers[i] for i in idx]
-        base = _answer_logprob(model, p, a)
+        base = answer_readout(model, p, a)[0]
         row = {"prompts": [data[i].word + " -> " + data[i].answer for i in idx], "logp": float(base.mean())}
         for label, unit, op, value in (("zeroed", neuron, "zero", None), ("x3", neuron, "scale", 3.0),
                                        ("control zeroed", control, "zero", None), ("control x3", control, "scale", 3.0)):  # fmt: skip
             edit = Edit(layer=layer, neurons=[unit], op=op, value=value)
-            row[label] = float((_answer_logprob(model, p, a, [edit]) - base).mean())
+            row[label] = float((answer_readout(model, p, a, edits=[edit])[0] - base).mean())
         out["languages"][lang] = row
     return out
 

@@ -57,28 +57,40 @@ def next_token_logprobs(model: NeuronModel, prompts: Sequence[str], batch_size: 
     return torch.cat(rows)
 
 
+def answer_readout(
+    model: NeuronModel,
+    prompts: Sequence[str],
+    answers: Sequence[str],
+    *,
+    edits: Sequence[Any] = (),
+    batch_size: int = 32,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per prompt, with every answer token teacher-forced (and ``edits`` applied, if any): the answer's
+    log-probability ``[N]`` and whether the argmax reproduces every answer token ``[N]`` (bool)."""
+    from neurontrace.interventions import intervene
+
+    logprobs, correct = [], []
+    for start in range(0, len(prompts), batch_size):
+        pairs = list(
+            zip(prompts[start : start + batch_size], answers[start : start + batch_size], strict=True)
+        )
+        targets = [encode(model, a, add_special_tokens=False) for _, a in pairs]
+        rows = [encode(model, p) + t for (p, _), t in zip(pairs, targets, strict=True)]
+        batch = Batch.from_ids(rows, pad_id=pad_id_of(model.tokenizer))
+        with torch.no_grad(), intervene(model, list(edits)):
+            logits = model.forward(batch).logits.float()
+        for i, t in enumerate(targets):
+            logp = logits[i, -len(t) - 1 : -1].log_softmax(-1)  # position j predicts answer token j
+            logprobs.append(float(logp.gather(-1, torch.tensor(t, device=logp.device)[:, None]).sum()))
+            correct.append(logp.argmax(-1).tolist() == t)
+    return torch.tensor(logprobs), torch.tensor(correct)
+
+
 def teacher_forced_correct(
     model: NeuronModel, prompts: list[str], answers: list[str], batch_size: int = 32
 ) -> torch.Tensor:
     """Per prompt: does the model's argmax reproduce every token of the answer (given the ones before)?"""
-    out = []
-    for start in range(0, len(prompts), batch_size):
-        rows = []
-        n_answer = []
-        for p, a in zip(
-            prompts[start : start + batch_size], answers[start : start + batch_size], strict=True
-        ):
-            ans = model.tokenizer.encode(a, add_special_tokens=False)
-            rows.append(encode(model, p) + ans)
-            n_answer.append(ans)
-        batch = Batch.from_ids(rows, pad_id=pad_id_of(model.tokenizer))
-        with torch.no_grad():
-            pred = model.forward(batch).logits.argmax(-1)
-        for i, ans in enumerate(n_answer):
-            n = len(ans)
-            guess = pred[i, -n - 1 : -1].tolist()
-            out.append(guess == ans)
-    return torch.tensor(out)
+    return answer_readout(model, prompts, answers, batch_size=batch_size)[1]
 
 
 @dataclass
