@@ -9,6 +9,8 @@ code paths a multi-GPU split takes (hooks that read weights, tensors combined ac
 
 from __future__ import annotations
 
+import re
+
 import tempfile
 from itertools import chain
 
@@ -288,5 +290,12 @@ def test_cli_device_map_and_offload_folder(saved, tmp_path, capsys, monkeypatch)
     plain = capsys.readouterr().out
     extra = ["--device-map", json.dumps(layout), "--offload-folder", str(tmp_path)]
     assert main([*argv, *extra]) == 0
-    assert capsys.readouterr().out == plain and "exact" in plain
+    dispatched_out = capsys.readouterr().out
+    assert "exact" in plain
+    # the same table; printed numbers may differ in the last digit (offloaded blocks sum in another order)
+    number = r"-?\d+\.\d+"
+    assert re.sub(number, "#", dispatched_out) == re.sub(number, "#", plain)
+    got = [float(x) for x in re.findall(number, dispatched_out)]
+    want = [float(x) for x in re.findall(number, plain)]
+    assert got == pytest.approx(want, abs=2e-5, rel=1e-4)
     assert n_offloaded(loaded[0]) == 0 and n_offloaded(loaded[1]) > 0
