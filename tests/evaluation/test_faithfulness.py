@@ -61,7 +61,7 @@ def test_mean_ablation_equals_setting_the_complement_to_the_counterfactual_mean(
             edits.append(Edit(layer=layer, neurons=units, positions=[pos], op="set", value=mean[pos, units]))
     with intervene(model, edits):
         logits = model.logits(clean)[:, -1]
-    metric = ev.batches[0][1]
+    metric = ev.batches[0].metric
     expected = float(metric(logits[:, None]).mean())
     assert ev.metric_with(keep) == pytest.approx(expected, rel=1e-5, abs=1e-6)
 
@@ -70,7 +70,7 @@ def test_resample_uses_another_example(model):
     ev = prepare_eval(model, PAIRS, ablation="resample", batch_size=32, seed=1)
     _, patch = tokenize_pairs(model, [p.clean_prefix for p in PAIRS], [p.patch_prefix for p in PAIRS])
     own = torch.stack([capture(model, patch).get(layer) for layer in range(model.n_layers)], dim=1)
-    differs = (ev.values[0] - own).flatten(1).abs().sum(1) > 0
+    differs = (ev.batches[0].values - own).flatten(1).abs().sum(1) > 0
     assert differs.all()
 
 
@@ -91,6 +91,6 @@ def test_sweep_costs_one_forward_per_batch_per_quantity(model):
     n_batches = len(ev.batches)
     scores = torch.randn(model.n_layers, model.d_ff)  # position-free nodes
     start = ev.forwards
-    curve = sweep(ev, scores, method="random", thresholds=[0.0, 0.5, 1.0, 1.5, 100.0])
+    curve = sweep(ev, scores, method="random", thresholds=[0.0, 0.5, 1.0, 1.5, 100.0], levels=())
     points = len(curve.points)
     assert ev.forwards - start == n_batches * (2 + 3 * points)  # F(M), F(empty), then F(C), F(C^c), random

@@ -64,8 +64,10 @@ def test_interrupted_run_resumes(tmp_path, monkeypatch):
         run_evaluation(
             model, _run(), train=TRAIN, test=TEST, out=tmp_path, progress=False, log=lambda m: None
         )
-    assert (tmp_path / "curves" / "relp-neurons.json").is_file()
-    assert (tmp_path / "attributions" / "atp-neurons.safetensors").is_file()  # attributed before the crash
+    assert (tmp_path / "curves" / "relp-neurons-seed0.json").is_file()
+    assert (
+        tmp_path / "attributions" / "atp-neurons-seed0.safetensors"
+    ).is_file()  # attributed before the crash
 
     def counting_attribute(*args, **kwargs):
         calls["attribute"] += 1
@@ -81,5 +83,5 @@ def test_interrupted_run_resumes(tmp_path, monkeypatch):
     curves = run_evaluation(
         model, _run(), train=TRAIN, test=TEST, out=tmp_path, progress=False, log=logs.append
     )
-    assert logs[0] == "  relp-neurons: done already (resumed)" and len(curves) == 4
+    assert logs[0] == "  relp-neurons-seed0: done already (resumed)" and len(curves) == 4
     assert calls["attribute"] == 2  # only the two resid attributions; atp / neurons came from its saved file

@@ -10,7 +10,6 @@ code paths a multi-GPU split takes (hooks that read weights, tensors combined ac
 from __future__ import annotations
 
 import re
-
 import tempfile
 from itertools import chain
 

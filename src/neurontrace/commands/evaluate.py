@@ -7,7 +7,9 @@ import random
 import shutil
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from neurontrace import distributed
 from neurontrace.commands._common import model_from_args
@@ -15,77 +17,170 @@ from neurontrace.commands.tasks import sva_task
 from neurontrace.errors import NeurontraceError
 from neurontrace.evaluation.report import write_report
 from neurontrace.evaluation.runner import EvaluationRun, run_evaluation
-from neurontrace.tasks import filter_pairs, generate_sva, load_pairs, train_test_split
+from neurontrace.tasks import FilterReport, filter_report, generate_sva, load_pairs, train_test_split
+from neurontrace.tasks.pairs import REASON_LENGTH
 
 
 def _split_list(text: str) -> list[str]:
     return [x.strip() for x in text.split(",") if x.strip()]
 
 
-def load_data(args: argparse.Namespace, tokenizer) -> tuple[list, list, str]:
-    """(train, test, description) from --task or --dataset/--test-dataset, filtered for the tokenizer."""
-    n_train, n_test = args.n_train, args.n_test
+ONE_LENGTH_SHARE = 0.95
+"""``--nodes auto`` keeps per-position nodes when at least this share of the usable pairs has one token length."""
+
+
+@dataclass
+class Data:
+    """The pairs of every seed's split, how nodes align, and what was kept or dropped (and why)."""
+
+    splits: dict[int, tuple[list, list]]
+    description: str
+    nodes: str
+    kept: dict[str, Any] = field(default_factory=dict)  # for config.json and report.md
+    message: str = ""
+
+
+def _resolve_nodes(requested: str, report: FilterReport) -> str:
+    if requested != "auto":
+        return requested
+    lengths = report.lengths
+    if not lengths:
+        return "per-position"
+    return "per-position" if max(lengths.values()) >= ONE_LENGTH_SHARE * sum(lengths.values()) else "summed"
+
+
+def _filtered(pairs: list, tokenizer, nodes: str, name: str) -> tuple[FilterReport, str]:
+    probe = filter_report(pairs, tokenizer, one_length=False)
+    nodes = _resolve_nodes(nodes, probe)
+    report = (
+        filter_report(pairs, tokenizer, one_length=nodes == "per-position")
+        if nodes == "per-position"
+        else probe
+    )
+    if not report.kept:
+        raise NeurontraceError(
+            f"{name}: no usable pairs for this tokenizer ({report.describe()}); answers must be one token and "
+            "clean/counterfactual prefixes of equal token length"
+        )
+    return report, nodes
+
+
+def load_data(args: argparse.Namespace, tokenizer) -> Data:
+    """Every seed's (train, test) from --task or --dataset/--test-dataset, filtered for the tokenizer, with the
+    node alignment (--nodes auto: per-position when >= 95% of the pairs share one token length, else summed)."""
+    seeds = [args.seed + i for i in range(args.seeds)]
     if (args.task is None) == (args.dataset is None):
         raise NeurontraceError("give either --task (e.g. sva-nounpp) or --dataset FILE.jsonl")
     if args.task is not None:
         task = sva_task(args.task)
-        pairs = generate_sva(task, n=n_train + n_test, seed=args.seed, tokenizer=tokenizer)
-        train, test = train_test_split(pairs, test_fraction=n_test / (n_train + n_test), seed=args.seed)
-        return train, test, f"{args.task} (neurontrace generator, seed {args.seed})"
-    pairs = filter_pairs(load_pairs(args.dataset), tokenizer)
-    if args.test_dataset:
-        test = filter_pairs(load_pairs(args.test_dataset), tokenizer)
-        train = pairs
-    else:
-        train, test = train_test_split(pairs, test_fraction=0.2, seed=args.seed)
-    rng = random.Random(args.seed)
-    train = rng.sample(train, min(n_train, len(train)))
-    test = rng.sample(test, min(n_test, len(test)))
-    if not train or not test:
-        raise NeurontraceError(
-            f"{args.dataset}: no usable pairs for this tokenizer (single-token answers, equal lengths)"
+        n_train = 128 if args.n_train is None else args.n_train
+        n_test = 64 if args.n_test is None else args.n_test
+        splits = {}
+        for seed in seeds:
+            pairs = generate_sva(task, n=n_train + n_test, seed=seed, tokenizer=tokenizer)
+            splits[seed] = train_test_split(pairs, test_fraction=n_test / (n_train + n_test), seed=seed)
+        report, nodes = _filtered(splits[seeds[0]][0] + splits[seeds[0]][1], tokenizer, args.nodes, args.task)
+        message = f"{args.task}: {n_train + n_test} generated pairs per seed; " + report.describe()
+        if nodes == "per-position" and report.n_kept < report.total:
+            raise NeurontraceError(f"{args.task}: prompts of several token lengths; use --nodes summed")
+        kept = {"source": "generator", **report.to_dict()}
+        return Data(
+            splits, f"{args.task} (neurontrace generator, seeds {seeds[0]}-{seeds[-1]})", nodes, kept, message
         )
-    return train, test, f"{args.dataset}" + (f" / {args.test_dataset}" if args.test_dataset else "")
+    report, nodes = _filtered(load_pairs(args.dataset), tokenizer, args.nodes, args.dataset)
+    messages = [f"{args.dataset}: {report.describe()}"]
+    kept = {"dataset": report.to_dict()}
+    test_report = None
+    if args.test_dataset:
+        test_report, _ = _filtered(load_pairs(args.test_dataset), tokenizer, nodes, args.test_dataset)
+        messages.append(f"{args.test_dataset}: {test_report.describe()}")
+        kept["test_dataset"] = test_report.to_dict()
+    if nodes == "per-position" and report.dropped.get(REASON_LENGTH):
+        messages.append("use --nodes summed to keep every length")
+    splits = {}
+    for seed in seeds:
+        if test_report is not None:
+            train, test = list(report.kept), list(test_report.kept)
+        else:
+            train, test = train_test_split(report.kept, test_fraction=0.2, seed=seed)
+        rng = random.Random(seed)
+        train = rng.sample(train, min(args.n_train or len(train), len(train)))
+        test = rng.sample(test, min(args.n_test or len(test), len(test)))
+        splits[seed] = (train, test)
+    name = f"{args.dataset}" + (f" / {args.test_dataset}" if args.test_dataset else "")
+    return Data(splits, name, nodes, kept, "; ".join(messages))
+
+
+def _clear_for_fresh(out: Path) -> None:
+    """``--fresh``: remove a results folder only when neurontrace made it (its config.json says so)."""
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise NeurontraceError(f"--out {out} is a file, not a results folder; choose another --out")
+    if not (out / "config.json").is_file():
+        if any(out.iterdir()):
+            raise NeurontraceError(
+                f"--fresh: {out} is not an evaluation results folder (no config.json); nothing was deleted. "
+                "Choose an empty or new --out"
+            )
+        return
+    shutil.rmtree(out)
 
 
 def run_evaluate(args: argparse.Namespace) -> None:
-    if args.n_train < 1 or args.n_test < 1 or args.points < 1:
-        raise NeurontraceError("--n-train, --n-test and --points must be at least 1")
+    if (args.n_train is not None and args.n_train < 1) or (args.n_test is not None and args.n_test < 1):
+        raise NeurontraceError("--n-train and --n-test must be at least 1")
+    if args.points < 1 or args.seeds < 1:
+        raise NeurontraceError("--points and --seeds must be at least 1")
+    try:
+        levels = [float(x) for x in _split_list(args.levels)]
+    except ValueError:
+        raise NeurontraceError(f"--levels must be numbers such as 0.8,0.9, got {args.levels!r}") from None
     out = Path(args.out)
-    if args.fresh and out.exists() and distributed.is_main():
-        shutil.rmtree(out)
-    distributed.barrier()  # under torchrun: the others look at --out only once it is cleared
     model = model_from_args(args)
-    train, test, description = load_data(args, model.tokenizer)
+    data = load_data(args, model.tokenizer)
+    first_train, first_test = data.splits[args.seed]
     run = EvaluationRun(
         model=model.name,
-        data=description,
+        data=data.description,
         methods=_split_list(args.methods),
         bases=_split_list(args.bases),
         ablation=args.ablation,
-        nodes=args.nodes,
-        n_train=len(train),
-        n_test=len(test),
+        nodes=data.nodes,
+        n_train=len(first_train),
+        n_test=len(first_test),
         steps=args.steps,
         points=args.points,
         batch_size=args.batch_size,
         seed=args.seed,
+        seeds=args.seeds,
+        grid=args.grid,
+        levels=levels,
+        scan_limit=args.scan_limit,
+        extra={"pairs": data.kept},
     )
     run.validate()
+    if args.fresh and distributed.is_main():
+        _clear_for_fresh(out)  # after every argument was checked; only a folder neurontrace wrote
+    distributed.barrier()  # under torchrun: the others look at --out only once it is cleared
     log = lambda msg: print(msg, file=sys.stderr, flush=True) if distributed.is_main() else None  # noqa: E731
-    log(f"[neurontrace] evaluating {', '.join(run.methods)} on {', '.join(run.bases)}: {len(train)} train / "
-        f"{len(test)} test pairs of {description}; results in {out}")  # fmt: skip
+    log(f"[neurontrace] {data.message}; nodes: {data.nodes}")
+    log(f"[neurontrace] evaluating {', '.join(run.methods)} on {', '.join(run.bases)}: {len(first_train)} train / "
+        f"{len(first_test)} test pairs of {data.description} x {args.seeds} seed(s); results in {out}")  # fmt: skip
     start = time.perf_counter()
-    curves = run_evaluation(model, run, train=train, test=test, out=out, log=log)
+    curves = run_evaluation(model, run, splits=data.splits, out=out, log=log)
     if not distributed.is_main():
         return
     notes = [
         f"Model: {model.name} ({model.adapter.family}, {model.n_layers} layers x {model.d_ff} neurons). "
-        f"Data: {description}; {len(train)} train pairs (attribution), {len(test)} test pairs (evaluation).",
-        f"Ablation: {run.ablation}. Nodes: {run.nodes}. Total time {time.perf_counter() - start:.0f} s.",
+        f"Data: {data.description}; {len(first_train)} train pairs (attribution), {len(first_test)} test pairs "
+        f"(evaluation) per seed; seeds {', '.join(map(str, run.seed_list))}.",
+        f"Pairs: {data.message}.",
+        f"Ablation: {run.ablation}. Nodes: {run.nodes}. Grid: {run.grid} ({run.points} points). "
+        f"Total time {time.perf_counter() - start:.0f} s.",
     ]
     report = write_report(
-        curves, out, title=f"Circuits for {description.split(' ')[0]} on {model.name}", notes=notes
+        curves, out, title=f"Circuits for {data.description.split(' ')[0]} on {model.name}", notes=notes
     )
     print((out / "report.md").read_text().split("![")[0].rstrip())
     print(f"\nReport: {report}\nPlot:   {out / 'faithfulness.png'}")
@@ -120,14 +215,56 @@ def add_evaluate_parser(sub, add_model_args) -> None:
         "--bases", default="neurons,mlp-out,resid", help="comma list of neurons, mlp-out, resid, attn-out"
     )
     p.add_argument("--ablation", default="mean", choices=["mean", "zero", "resample"])
-    p.add_argument("--nodes", default="per-position", choices=["per-position", "summed"])
-    p.add_argument("--n-train", type=int, default=128, help="train pairs (attribution)")
-    p.add_argument("--n-test", type=int, default=64, help="test pairs (evaluation)")
+    p.add_argument(
+        "--nodes",
+        default="auto",
+        choices=["auto", "per-position", "summed"],
+        help="per-position: (layer, position, unit) nodes, prompts of one token length; summed: (layer, unit) "
+        "nodes over every position, any lengths; auto: per-position when >= 95%% of the pairs share one length",
+    )
+    p.add_argument(
+        "--n-train",
+        type=int,
+        default=None,
+        help="train pairs per seed (default: 128 for --task, all for --dataset)",
+    )
+    p.add_argument(
+        "--n-test",
+        type=int,
+        default=None,
+        help="test pairs per seed (default: 64 for --task, all for --dataset)",
+    )
     p.add_argument("--steps", type=int, default=16, help="integrated-gradients steps")
     p.add_argument(
-        "--points", type=int, default=30, help="thresholds in the sweep: [0] + logspace(-6, 0, POINTS)"
+        "--points", type=int, default=32, help="thresholds in the log grid: [0] + logspace(-6, 0, POINTS)"
+    )
+    p.add_argument(
+        "--grid",
+        default="log",
+        choices=["log", "paper"],
+        help="threshold grid: log (--points), or paper: [0] + logspace(-6, 0, 30) + [inf, -1]",
+    )
+    p.add_argument(
+        "--levels", default="0.8,0.9", help="faithfulness levels whose exact smallest circuit is searched"
+    )
+    p.add_argument(
+        "--scan-limit",
+        type=int,
+        default=64,
+        help="most forwards of the upward scan of a level's bracket; wider brackets report the bisection "
+        "crossing (an upper bound, marked <=)",
+    )
+    p.add_argument(
+        "--seeds",
+        type=int,
+        default=1,
+        help="train/test splits (seeds SEED, SEED+1, ...): intervals over seeds",
     )
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="results/evaluate", help="results folder")
-    p.add_argument("--fresh", action="store_true", help="delete --out first instead of resuming")
+    p.add_argument(
+        "--fresh",
+        action="store_true",
+        help="replace the results in --out instead of resuming (only a folder an evaluation wrote is deleted)",
+    )

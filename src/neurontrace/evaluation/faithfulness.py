@@ -3,15 +3,32 @@
 ``F(X)`` is the mean metric over the test examples with every node *outside* ``X`` ablated:
 
 - faithfulness  = (F(C) - F(∅)) / (F(M) - F(∅))   (near 1 is good)
-- completeness  = (F(C^c) - F(∅)) / (F(M) - F(∅)) (near 0 is good)
+- completeness  = (F(C^c) - F(∅)) / (F(M) - F(∅)) (near 0 is good; below 0: ablating only the circuit pushes
+  the metric past the fully ablated model, e.g. the model then prefers the counterfactual answer)
 
-Ablation values are computed once per test set (:class:`EvalSet`) and reused by every curve point, so one point
-costs one batched forward per test batch for each quantity (F(C), F(C^c) and the random control).
+Circuits of a method are prefixes of its ranking (nodes by decreasing ``|score|``, ties in index order): a
+threshold ``tau`` selects the ``k = #{|score| > tau}`` first nodes. :func:`sweep` measures a grid of thresholds,
+then, for each requested level ``L``, the **exact size** ``n*(L)``: the smallest ``k`` with
+``F(top-k) >= L``. Faithfulness is not monotone in ``k``, so ``n*`` is searched in the bracket the grid gives
+(after the last grid size below ``L`` and up to the first grid size reaching it): bisection finds a crossing,
+then every size of the bracket below it is measured upwards until the first that reaches ``L``. When that scan
+would take more than ``scan_limit`` forwards, the bisection crossing is reported with ``exact=False`` (an upper
+bound). Grid sizes below the bracket all miss the level; sizes between them are not searched.
+
+Every evaluated circuit keeps its metric per test example (``Curve.samples``), so each number gets a bootstrap
+95% interval (:mod:`.intervals`) without another forward pass.
+
+Ablation values are computed once per test set (:class:`EvalSet`). Test prompts may have several token
+lengths: batches then hold one length each, and the mean-ablation value of a position is the counterfactual
+mean over the test prompts at the same *aligned position* (the BOS token, when the tokenizer adds one, aligns
+with the BOS token; every other position with the same distance from the last token). With one length this is
+the plain per-position mean. Resample donors are drawn among test examples of the same length.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Sequence
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
@@ -21,56 +38,88 @@ import torch
 
 from neurontrace import distributed
 from neurontrace.attribution.metrics import Metric, make_metric
-from neurontrace.circuits.selection import Circuit, random_circuit_like, select_circuit
+from neurontrace.circuits.selection import Circuit, random_circuit_like
 from neurontrace.errors import NeurontraceError
+from neurontrace.evaluation import intervals
 from neurontrace.models.model import NeuronModel
 from neurontrace.sites import capture, check_site, hook_site, site_width
 from neurontrace.tokens import Batch, single_token_id, tokenize_pairs
 
 ABLATIONS: tuple[str, ...] = ("mean", "zero", "resample")
+LEVELS: tuple[float, ...] = (0.8, 0.9)
+GRIDS: tuple[str, ...] = ("log", "paper")
+SCAN_LIMIT = 64
+"""Most forwards the linear scan of one level's bracket may take before the crossing is reported instead."""
+
+
+@dataclass
+class EvalBatch:
+    """Test examples of one token length, with their metric and ablation values."""
+
+    batch: Batch
+    metric: Metric
+    rows: list[int]  # indices of these examples in the test set
+    keys: torch.Tensor  # [T] aligned position of each position (which mean-ablation value it gets)
+    values: torch.Tensor | None  # [B, L, T, width] donors' counterfactual activations (resample)
 
 
 @dataclass
 class EvalSet:
-    """Test examples in batches with their metric, clean metric values and cached ablation values."""
+    """Test examples in batches with their metric and cached ablation values."""
 
     model: NeuronModel
     site: str
     layers: list[int]
     ablation: str
-    batches: list[tuple[Batch, Metric]]
-    values: list[torch.Tensor | None]  # per batch: [B, L, T, width] (resample) or None
-    mean: torch.Tensor | None  # [L, T, width] (mean ablation)
+    batches: list[EvalBatch]
+    mean: torch.Tensor | None  # [K, L, width]: counterfactual mean per aligned position (mean ablation)
+    n_total: int  # test examples over every process (launched distributed, batches are a share)
+    width: int | None  # the token length of every test prompt, or None when they differ
     forwards: int = 0  # forward passes run so far (for the cost accounting in tests and benchmarks)
-    n_total: int | None = None  # examples over every process (launched distributed, batches are a share)
 
     @property
     def n_examples(self) -> int:
-        return self.n_total if self.n_total is not None else sum(b.size for b, _ in self.batches)
+        return self.n_total
 
-    def metric_with(self, keep: torch.Tensor | None) -> float:
-        """Mean metric with every node outside ``keep`` (``[L, T, w]`` or ``[L, w]`` bool) ablated.
+    def metric_values(self, keep: torch.Tensor | None) -> torch.Tensor:
+        """Metric of every test example (``[n]``, float64) with every node outside ``keep`` ablated.
 
-        ``keep=None`` runs the full model. Launched distributed, the sums of every process's share are reduced.
+        ``keep``: ``[L, T, w]`` (per-position nodes; needs one token length) or ``[L, w]`` (a unit at every
+        position) boolean; ``None`` runs the full model. Launched distributed, every process gets all values.
         """
-        total = 0.0
-        for (batch, metric), values in zip(self.batches, self.values, strict=True):
+        if keep is not None and keep.dim() == 3 and (self.width is None or keep.shape[1] != self.width):
+            raise NeurontraceError(
+                "per-position nodes need test prompts of one token length (so positions align); "
+                "use summed nodes (--nodes summed) for prompts of several lengths"
+            )
+        out = torch.zeros(self.n_total, dtype=torch.float64)
+        for eb in self.batches:
             with torch.no_grad(), ExitStack() as stack:
                 if keep is not None:
                     handles = [
-                        hook_site(self.model, self.site, layer, self._ablator(li, keep, values))
+                        hook_site(self.model, self.site, layer, self._ablator(eb, li, keep))
                         for li, layer in enumerate(self.layers)
                         if not bool(keep[li].all())
                     ]
                     stack.callback(lambda handles=handles: [h.remove() for h in handles])
-                logits = self.model.forward(batch, logits_to_keep=1).logits
+                logits = self.model.forward(eb.batch, logits_to_keep=1).logits
             self.forwards += 1
-            total += float(metric(logits).sum())
+            out[eb.rows] = eb.metric(logits).detach().double().cpu()
         if distributed.world().size > 1:
-            total = float(distributed.all_reduce_sum(torch.tensor(total, dtype=torch.float64)))
-        return total / self.n_examples
+            out = distributed.all_reduce_sum(out)
+        if torch.isnan(out).any():
+            raise NeurontraceError(
+                "the metric is NaN on some test examples under this ablation; check the model's precision "
+                "(try --dtype float32) and the ablation"
+            )
+        return out
 
-    def _ablator(self, li: int, keep: torch.Tensor, values: torch.Tensor | None):
+    def metric_with(self, keep: torch.Tensor | None) -> float:
+        """Mean metric over the test examples with every node outside ``keep`` ablated (see
+        :meth:`metric_values`)."""
+        return float(self.metric_values(keep).mean())
+
+    def _ablator(self, eb: EvalBatch, li: int, keep: torch.Tensor):
         keep_l = keep[li]  # [T, w] or [w]
 
         def fn(x: torch.Tensor) -> torch.Tensor:
@@ -78,16 +127,22 @@ class EvalSet:
             if self.ablation == "zero":
                 replacement = torch.zeros((), dtype=x.dtype, device=x.device)
             elif self.ablation == "mean":
-                replacement = self.mean[li].to(x.device, x.dtype)
-                if replacement.dim() == 2:
-                    replacement = replacement[-x.shape[1] :]
+                replacement = self.mean[eb.keys, li].to(x.device, x.dtype)  # [T, w]
             else:
-                replacement = values[:, li].to(x.device, x.dtype)
-            if k.dim() == 2:
-                k = k[-x.shape[1] :]
+                replacement = eb.values[:, li].to(x.device, x.dtype)  # [B, T, w]
             return torch.where(k, x, replacement)
 
         return fn
+
+
+def _aligned_keys(ids: torch.Tensor, bos_id: int | None) -> torch.Tensor:
+    """Aligned position of each of ``T`` positions of one prompt: 0 for a leading BOS, else 1 + distance from
+    the last token (a bijection with the positions when every prompt has one length)."""
+    t = ids.shape[0]
+    keys = 1 + torch.arange(t - 1, -1, -1)
+    if bos_id is not None and int(ids[0]) == bos_id:
+        keys[0] = 0
+    return keys
 
 
 def prepare_eval(
@@ -102,12 +157,13 @@ def prepare_eval(
 ) -> EvalSet:
     """Tokenise test pairs, and compute the ablation values once.
 
-    ``mean``: per-position mean of the site over the counterfactual prompts; ``zero``; ``resample``: each
-    example gets the counterfactual activations of another, randomly chosen, test example.
+    ``mean``: mean of the site over the counterfactual prompts at each aligned position; ``zero``;
+    ``resample``: each example gets the counterfactual activations of another, randomly chosen, test example
+    of the same token length (its own when no other has that length).
 
-    Launched distributed (:mod:`neurontrace.distributed`), each process keeps a contiguous share of the
-    examples, the mean is reduced over all of them and resample partners are drawn over the whole set, so
-    :meth:`EvalSet.metric_with` gives every process the value one process would compute.
+    Launched distributed (:mod:`neurontrace.distributed`), each process keeps a share of the examples, the
+    mean is reduced over all of them and resample partners are drawn over the whole set, so
+    :meth:`EvalSet.metric_values` gives every process the value one process would compute.
     """
     check_site(site)
     if ablation not in ABLATIONS:
@@ -119,46 +175,76 @@ def prepare_eval(
     clean_all, patch_all = tokenize_pairs(
         model, [get(p, "clean_prefix") for p in pairs], [get(p, "patch_prefix") for p in pairs]
     )
-    if int(clean_all.pad.max()) != 0:
-        raise NeurontraceError(
-            "evaluation needs test prompts of one token length (so positions align); filter them, e.g. with "
-            "neurontrace.tasks.filter_pairs(pairs, tokenizer, one_length=True)"
-        )
     answers = [single_token_id(model, get(p, "clean_answer")) for p in pairs]
     contrasts = [single_token_id(model, get(p, "patch_answer")) for p in pairs]
     n = len(pairs)
+    lengths = (clean_all.width - clean_all.pad).tolist()
+    bos_id = getattr(model.tokenizer, "bos_token_id", None)
+    order = sorted(range(n), key=lambda i: (lengths[i], i))  # one token length per batch, no padding
     donor = None
     if ablation == "resample":  # drawn for the whole test set, so every share of it gets the same partners
         generator = torch.Generator().manual_seed(seed)
-        shift = (
-            torch.randint(1, max(2, n), (n,), generator=generator)
-            if n > 1
-            else torch.zeros(1, dtype=torch.long)
-        )
-        donor = (torch.arange(n) + shift) % n  # never the example itself (when n > 1)
+        donor = list(range(n))
+        by_length: dict[int, list[int]] = {}
+        for i in range(n):
+            by_length.setdefault(lengths[i], []).append(i)
+        for group in by_length.values():
+            g = len(group)
+            shifts = torch.randint(1, max(2, g), (g,), generator=generator).tolist()
+            for j, i in enumerate(group):
+                donor[i] = group[(j + shifts[j]) % g] if g > 1 else i  # never the example itself when g > 1
+
+    def rows_batch(full: Batch, rows: list[int]) -> Batch:
+        t = lengths[rows[0]]
+        ids = full.input_ids[rows][:, full.width - t :]
+        prompts = None if full.prompts is None else [full.prompts[r] for r in rows]
+        return Batch(ids, torch.ones_like(ids), prompts)
 
     def patch_acts(rows: list[int]) -> torch.Tensor:
-        acts = capture(model, patch_all.select(rows), sites=site, layers=layers, keep_logits=False)
+        acts = capture(model, rows_batch(patch_all, rows), sites=site, layers=layers, keep_logits=False)
         return torch.stack([acts.get(layer, site).cpu() for layer in layers], dim=1)  # [B, L, T, w]
 
-    batches, values = [], []
-    total = torch.zeros(len(layers), clean_all.width, site_width(model, site)) if ablation == "mean" else None
-    share = distributed.shard(n)  # this process's examples (all of them in one process)
-    for start in range(share.start, share.stop, batch_size):
-        rows = list(range(start, min(start + batch_size, share.stop)))
+    n_keys = 1 + max(lengths)
+    width = site_width(model, site)
+    sums = torch.zeros(n_keys, len(layers), width, dtype=torch.float64) if ablation == "mean" else None
+    counts = torch.zeros(n_keys, dtype=torch.float64)
+    share = [order[i] for i in distributed.shard(n)]  # this process's examples (all of them in one process)
+    batches: list[EvalBatch] = []
+    start = 0
+    while start < len(share):
+        stop = start
+        while (
+            stop < len(share) and stop - start < batch_size and lengths[share[stop]] == lengths[share[start]]
+        ):
+            stop += 1
+        rows = share[start:stop]
+        start = stop
+        batch = rows_batch(clean_all, rows)
+        keys = _aligned_keys(batch.input_ids[0], bos_id)
         metric = make_metric(
             "logit-diff", answer=[answers[r] for r in rows], contrast=[contrasts[r] for r in rows]
         )
-        batches.append((clean_all.select(rows), metric))
-        values.append(patch_acts(donor[rows].tolist()) if donor is not None else None)
+        values = patch_acts([donor[r] for r in rows]) if donor is not None else None
         if ablation == "mean":
-            total += patch_acts(rows).float().sum(0)
-    mean = distributed.all_reduce_sum(total) / n if ablation == "mean" else None  # [L, T, w]
-    return EvalSet(model, site, layers, ablation, batches, values, mean, n_total=n)
+            acts = patch_acts(rows).double().sum(0)  # [L, T, w]
+            sums.index_add_(0, keys, acts.transpose(0, 1))
+            counts.index_add_(0, keys, torch.full((len(keys),), float(len(rows)), dtype=torch.float64))
+        batches.append(EvalBatch(batch, metric, rows, keys, values))
+    mean = None
+    if ablation == "mean":
+        sums, counts = distributed.all_reduce_sum(sums), distributed.all_reduce_sum(counts)
+        mean = (sums / counts.clamp_min(1)[:, None, None]).float()
+    one_length = len(set(lengths)) == 1
+    return EvalSet(model, site, layers, ablation, batches, mean, n, lengths[0] if one_length else None)
+
+
+# ------------------------------------------------------------------ curves
 
 
 @dataclass
 class CurvePoint:
+    """One grid point of a sweep; ``*_ci`` are bootstrap 95% intervals over test examples."""
+
     threshold: float
     n_nodes: int
     faithfulness: float
@@ -166,11 +252,42 @@ class CurvePoint:
     random_faithfulness: float | None
     f_circuit: float
     f_complement: float
+    faithfulness_ci: list[float] = field(default_factory=list)
+    completeness_ci: list[float] = field(default_factory=list)
+    random_ci: list[float] | None = None
+
+
+@dataclass
+class LevelSize:
+    """The smallest circuit of the ranking whose faithfulness reaches ``level`` (see the module docstring).
+
+    ``n_nodes`` is None when no circuit reaches the level. ``exact`` is False when the bracket was too wide to
+    scan (``n_nodes`` is then a crossing: an upper bound). ``bracket`` = (last grid size below, first grid size
+    reaching). ``grid_n_nodes``: what the grid alone says. ``n_nodes_ci``: bootstrap interval of the smallest
+    evaluated size reaching the level (``inf``: some replicates never reach it).
+    """
+
+    level: float
+    n_nodes: int | None
+    exact: bool
+    bracket: list[int | None]
+    grid_n_nodes: int | None
+    faithfulness: float | None = None
+    completeness: float | None = None
+    random_faithfulness: float | None = None
+    n_nodes_ci: list[float] = field(default_factory=list)
+    completeness_ci: list[float] = field(default_factory=list)
+    random_ci: list[float] = field(default_factory=list)
+    forwards: int = 0  # forwards the search took (bisection probes and scan)
 
 
 @dataclass
 class Curve:
-    """Faithfulness and completeness against circuit size for one method and basis."""
+    """Faithfulness and completeness against circuit size for one method, basis and seed.
+
+    ``samples`` holds the metric of every test example for each evaluated circuit: ``model`` and ``empty``
+    (F(M), F(∅)), and per circuit size (a string key) ``circuit``, ``complement`` and ``random``.
+    """
 
     method: str
     basis: str
@@ -179,23 +296,83 @@ class Curve:
     f_empty: float
     n_total: int
     points: list[CurvePoint] = field(default_factory=list)
+    levels: list[LevelSize] = field(default_factory=list)
+    seed: int = 0
+    f_model_ci: list[float] = field(default_factory=list)
+    f_empty_ci: list[float] = field(default_factory=list)
+    samples: dict[str, Any] = field(default_factory=dict)
     meta: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2)
+        return json.dumps(self.to_dict(), indent=1)  # a level some replicates never reach: Infinity
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Curve:
+        data = dict(data)
         points = [CurvePoint(**p) for p in data.pop("points")]
-        return cls(**data, points=points)
+        levels = [LevelSize(**lv) for lv in data.pop("levels", [])]
+        return cls(**data, points=points, levels=levels)
 
     def nodes_to_reach(self, faithfulness: float) -> CurvePoint | None:
-        """The smallest circuit on the curve whose faithfulness reaches the level, or None."""
+        """The smallest grid point whose faithfulness reaches the level, or None (see :meth:`level` for the
+        exact size)."""
         reached = [p for p in self.points if p.faithfulness >= faithfulness]
         return min(reached, key=lambda p: p.n_nodes) if reached else None
+
+    def level(self, level: float) -> LevelSize | None:
+        """The exact-size result for ``level`` if the sweep searched it."""
+        return next((lv for lv in self.levels if abs(lv.level - level) < 1e-12), None)
+
+    # ------------------------------------------------------- bootstrap
+    def replicates(self, values: list[float], *, replicates: int = intervals.REPLICATES) -> torch.Tensor:
+        """Bootstrap replicates of the normalised score (faithfulness-like) of per-example ``values``: ``[R]``."""
+        w = self.bootstrap_weights(replicates)
+        return intervals.normalised(
+            intervals.replicate_means(w, torch.tensor(values)),
+            intervals.replicate_means(w, torch.tensor(self.samples["empty"])),
+            intervals.replicate_means(w, torch.tensor(self.samples["model"])),
+        )
+
+    def size_replicates(self, level: float, *, replicates: int = intervals.REPLICATES) -> torch.Tensor:
+        """Bootstrap replicates of the smallest evaluated circuit size reaching ``level``: ``[R]`` (``inf``
+        where none does)."""
+        circuit = self.samples["circuit"]
+        sizes = sorted(int(k) for k in circuit)
+        values = torch.tensor([circuit[str(k)] for k in sizes]).T  # [n, S]
+        w = self.bootstrap_weights(replicates)
+        faith = intervals.normalised(
+            intervals.replicate_means(w, values),
+            intervals.replicate_means(w, torch.tensor(self.samples["empty"])),
+            intervals.replicate_means(w, torch.tensor(self.samples["model"])),
+        )
+        return intervals.first_reaching(torch.tensor(sizes), faith, level)
+
+    def bootstrap_weights(self, replicates: int) -> torch.Tensor:
+        n = len(self.samples["model"])
+        return intervals.bootstrap_weights(n, replicates=replicates, seed=10_007 + self.seed)
+
+    def add_intervals(self) -> None:
+        """Fill every ``*_ci`` field from ``samples``."""
+        ci = intervals.percentile_interval
+        w = self.bootstrap_weights(intervals.REPLICATES)
+        self.f_model_ci = ci(intervals.replicate_means(w, torch.tensor(self.samples["model"])))
+        self.f_empty_ci = ci(intervals.replicate_means(w, torch.tensor(self.samples["empty"])))
+        for p in self.points:
+            key = str(p.n_nodes)
+            p.faithfulness_ci = ci(self.replicates(self.samples["circuit"][key]))
+            p.completeness_ci = ci(self.replicates(self.samples["complement"][key]))
+            if key in self.samples.get("random", {}):
+                p.random_ci = ci(self.replicates(self.samples["random"][key]))
+        for lv in self.levels:
+            lv.n_nodes_ci = ci(self.size_replicates(lv.level))
+            if lv.n_nodes is not None:
+                key = str(lv.n_nodes)
+                lv.completeness_ci = ci(self.replicates(self.samples["complement"][key]))
+                if key in self.samples.get("random", {}):
+                    lv.random_ci = ci(self.replicates(self.samples["random"][key]))
 
 
 def faithfulness_of(
@@ -210,10 +387,122 @@ def faithfulness_of(
     return (f_c - f_empty) / denom, (f_cc - f_empty) / denom
 
 
-def default_thresholds(scores: torch.Tensor, n: int = 30) -> list[float]:
+def default_thresholds(scores: torch.Tensor, n: int = 32) -> list[float]:
     """``[0] + logspace(-6, 0, n)`` scaled to the largest |score| (METHOD.md section 5)."""
     top = float(scores.abs().max())
     return [0.0] + [top * float(x) for x in torch.logspace(-6, 0, n)]
+
+
+def paper_thresholds(scores: torch.Tensor) -> list[float]:
+    """The paper's grid ``[0] + logspace(-6, 0, 30) + [inf, -1]`` scaled to the largest |score| (``inf``: the
+    empty circuit; ``-1``: every node)."""
+    return [*default_thresholds(scores, 30), math.inf, -1.0]
+
+
+def thresholds_for(scores: torch.Tensor, *, grid: str = "log", points: int = 32) -> list[float]:
+    """The sweep's thresholds: ``log`` (``points`` log-spaced, plus 0) or ``paper``."""
+    if grid == "log":
+        return default_thresholds(scores, points)
+    if grid == "paper":
+        return paper_thresholds(scores)
+    raise NeurontraceError(f"unknown grid {grid!r}; choose one of {', '.join(GRIDS)}")
+
+
+def ranking(scores: torch.Tensor) -> torch.Tensor:
+    """Flat node indices by decreasing ``|score|`` (ties in index order): the first ``k`` are the top-k circuit."""
+    return scores.abs().float().flatten().sort(descending=True, stable=True).indices
+
+
+def top_k_circuit(
+    order: torch.Tensor, k: int, like: torch.Tensor, *, layers: list[int], site: str
+) -> Circuit:
+    """The circuit of the first ``k`` nodes of ``order`` (a mask shaped like ``like``)."""
+    flat = torch.zeros(like.numel(), dtype=torch.bool)
+    flat[order[:k]] = True
+    return Circuit(flat.view(like.shape), list(layers), site, {"top_k": k})
+
+
+class _Measurer:
+    """Measures top-k circuits of one ranking, each size once, keeping every example's metric."""
+
+    def __init__(self, evalset: EvalSet, scores: torch.Tensor, *, random_control: bool, seed: int) -> None:
+        self.evalset, self.scores, self.random_control = evalset, scores, random_control
+        self.order = ranking(scores)
+        self.generator = torch.Generator().manual_seed(seed)
+        model = evalset.metric_values(None)
+        empty = evalset.metric_values(torch.zeros_like(scores, dtype=torch.bool))
+        self.f_model, self.f_empty = float(model.mean()), float(empty.mean())
+        self.denom = self.f_model - self.f_empty
+        if abs(self.denom) < 1e-8:
+            raise NeurontraceError("F(M) equals F(empty): ablating everything does not change the metric")
+        self.samples: dict[str, Any] = {
+            "model": model.tolist(),
+            "empty": empty.tolist(),
+            "circuit": {},
+            "complement": {},
+            "random": {},
+        }
+
+    def top_k(self, k: int) -> Circuit:
+        ev = self.evalset
+        return top_k_circuit(self.order, k, self.scores, layers=ev.layers, site=ev.site)
+
+    def normalise(self, values: list[float]) -> float:
+        return (sum(values) / len(values) - self.f_empty) / self.denom
+
+    def measured(self, k: int) -> bool:
+        return str(k) in self.samples["circuit"]
+
+    def circuit(self, k: int) -> float:
+        """Faithfulness of the top-k circuit."""
+        if not self.measured(k):
+            self.samples["circuit"][str(k)] = self.evalset.metric_values(self.top_k(k).mask).tolist()
+        return self.normalise(self.samples["circuit"][str(k)])
+
+    def complement_and_random(self, k: int) -> tuple[float, float | None]:
+        """Completeness of the top-k circuit and the faithfulness of a random circuit of its size."""
+        key = str(k)
+        if key not in self.samples["complement"]:
+            circuit = self.top_k(k)
+            self.samples["complement"][key] = self.evalset.metric_values(~circuit.mask).tolist()
+            if self.random_control:
+                control = random_circuit_like(circuit, generator=self.generator)
+                self.samples["random"][key] = self.evalset.metric_values(control.mask).tolist()
+        rand = self.samples["random"].get(key)
+        return self.normalise(self.samples["complement"][key]), None if rand is None else self.normalise(rand)
+
+    def exact_size(self, level: float, grid: list[int], scan_limit: int) -> LevelSize:
+        """The smallest size reaching ``level`` in the grid's first bracket (bisection, then an upward scan)."""
+        start = self.evalset.forwards
+        reached = [k for k in grid if self.circuit(k) >= level]
+        if not reached:
+            return LevelSize(level, None, True, [grid[-1], None], None)
+        first = reached[0]
+        below = [k for k in grid if k < first]
+        n, exact, bottom = first, True, (below[-1] if below else None)
+        if bottom is not None:
+            lo, hi = bottom, first
+            while hi - lo > 1:  # invariant: F(lo) < level <= F(hi)
+                mid = (lo + hi) // 2
+                if self.circuit(mid) >= level:
+                    hi = mid
+                else:
+                    lo = mid
+            n, scanned = hi, 0
+            for k in range(bottom + 1, hi):  # upwards: the first size reaching the level is the smallest
+                if not self.measured(k):
+                    scanned += 1
+                    if scanned > scan_limit:
+                        exact = False  # n stays the bisection crossing: an upper bound
+                        break
+                if self.circuit(k) >= level:
+                    n = k
+                    break
+        f_cc, rand = self.complement_and_random(n)
+        forwards = self.evalset.forwards - start
+        return LevelSize(
+            level, n, exact, [bottom, first], first, self.circuit(n), f_cc, rand, forwards=forwards
+        )
 
 
 def sweep(
@@ -222,24 +511,22 @@ def sweep(
     *,
     method: str,
     thresholds: Sequence[float] | None = None,
+    levels: Sequence[float] = LEVELS,
+    scan_limit: int = SCAN_LIMIT,
     random_control: bool = True,
     seed: int = 0,
     progress: bool = False,
 ) -> Curve:
-    """Faithfulness/completeness over a threshold sweep of ``scores`` (``[L, T, w]`` or ``[L, w]``).
+    """Faithfulness/completeness over a threshold sweep of ``scores`` (``[L, T, w]`` or ``[L, w]``), then the
+    exact circuit size at each of ``levels`` (see the module docstring), with bootstrap intervals.
 
     Launched distributed, every process must pass the same ``scores`` (as :func:`attribute` returns them): the
     circuits and the seeded random controls are then the same everywhere and only the metric sums are reduced.
     """
-    f_model = evalset.metric_with(None)
-    f_empty = evalset.metric_with(torch.zeros_like(scores, dtype=torch.bool))
-    denom = f_model - f_empty
-    if abs(denom) < 1e-8:
-        raise NeurontraceError("F(M) equals F(empty): ablating everything does not change the metric")
+    m = _Measurer(evalset, scores, random_control=random_control, seed=seed)
+    magnitude = scores.abs().float().flatten()
     thresholds = default_thresholds(scores) if thresholds is None else list(thresholds)
-    curve = Curve(method, evalset.site, evalset.ablation, f_model, f_empty, scores.numel())
-    generator = torch.Generator().manual_seed(seed)
-    seen: set[int] = set()
+    curve = Curve(method, evalset.site, evalset.ablation, m.f_model, m.f_empty, scores.numel(), seed=seed)
     iterator = thresholds
     if progress:
         from tqdm.auto import tqdm
@@ -247,21 +534,19 @@ def sweep(
         iterator = tqdm(
             thresholds, desc=f"{method}/{evalset.site} sweep", leave=False, disable=not distributed.is_main()
         )
+    seen: set[int] = set()
     for tau in iterator:
-        circuit = select_circuit(scores, layers=evalset.layers, site=evalset.site, threshold=tau)
-        if circuit.n_nodes in seen:
+        k = int((magnitude > tau).sum())  # the threshold circuit is the top-k prefix of the ranking
+        if k in seen:
             continue
-        seen.add(circuit.n_nodes)
-        f_c = evalset.metric_with(circuit.mask)
-        f_cc = evalset.metric_with(~circuit.mask)
-        rand = None
-        if random_control:
-            control = random_circuit_like(circuit, generator=generator)
-            rand = (evalset.metric_with(control.mask) - f_empty) / denom
-        curve.points.append(
-            CurvePoint(
-                tau, circuit.n_nodes, (f_c - f_empty) / denom, (f_cc - f_empty) / denom, rand, f_c, f_cc
-            )
-        )
+        seen.add(k)
+        f_c = m.circuit(k)
+        f_cc, rand = m.complement_and_random(k)
+        raw = lambda f: f * m.denom + m.f_empty  # noqa: E731
+        curve.points.append(CurvePoint(tau, k, f_c, f_cc, rand, raw(f_c), raw(f_cc)))
     curve.points.sort(key=lambda p: p.n_nodes)
+    grid = [p.n_nodes for p in curve.points]
+    curve.levels = [m.exact_size(level, grid, scan_limit) for level in levels]
+    curve.samples = m.samples
+    curve.add_intervals()
     return curve

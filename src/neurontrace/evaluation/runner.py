@@ -1,9 +1,13 @@
 """An evaluation run: attribute on the train split, sweep circuits on the test split, for several methods and
 bases, writing every piece to a results folder as it is finished so that an interrupted run resumes.
 
-Folder layout (``out/``): ``config.json`` (the run's settings), ``attributions/{method}-{basis}.safetensors``
-(train-split attribution results; ``.partial`` checkpoints while running), ``curves/{method}-{basis}.json``,
-then ``curves.json`` (all curves), ``faithfulness.png`` and ``report.md`` (see :mod:`.report`).
+Several seeds give several train/test splits (and random-control draws); every number of the report then has
+a 95% interval over seeds and test examples (:mod:`.intervals`).
+
+Folder layout (``out/``): ``config.json`` (the run's settings and what data was kept),
+``attributions/{method}-{basis}-seed{seed}.safetensors`` (train-split attribution results; ``.partial``
+checkpoints while running), ``curves/{method}-{basis}-seed{seed}.json``, then ``curves.json`` (all curves),
+``faithfulness.png`` and ``report.md`` (see :mod:`.report`).
 """
 
 from __future__ import annotations
@@ -22,11 +26,14 @@ from neurontrace.attribution.result import AttributionResult
 from neurontrace.errors import NeurontraceError
 from neurontrace.evaluation.faithfulness import (
     ABLATIONS,
+    GRIDS,
+    LEVELS,
+    SCAN_LIMIT,
     Curve,
     EvalSet,
-    default_thresholds,
     prepare_eval,
     sweep,
+    thresholds_for,
 )
 from neurontrace.io import write_text_atomic
 from neurontrace.models.model import NeuronModel
@@ -47,10 +54,18 @@ class EvaluationRun:
     n_train: int = 0
     n_test: int = 0
     steps: int = 16
-    points: int = 30  # thresholds in the logspace sweep (plus 0)
+    points: int = 32  # thresholds in the logspace sweep (plus 0)
     batch_size: int = 16
     seed: int = 0
+    seeds: int = 1  # splits seed, seed+1, ...
+    grid: str = "log"  # or "paper": [0] + logspace(-6, 0, 30) + [inf, -1]
+    levels: list[float] = field(default_factory=lambda: list(LEVELS))
+    scan_limit: int = SCAN_LIMIT
     extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def seed_list(self) -> list[int]:
+        return [self.seed + i for i in range(self.seeds)]
 
     def validate(self) -> None:
         for m in self.methods:
@@ -65,6 +80,12 @@ class EvaluationRun:
             raise NeurontraceError("nodes must be per-position or summed")
         if not self.methods or not self.bases:
             raise NeurontraceError("give at least one method and one basis")
+        if self.grid not in GRIDS:
+            raise NeurontraceError(f"unknown grid {self.grid!r}; choose from {', '.join(GRIDS)}")
+        if self.seeds < 1 or self.scan_limit < 0 or self.points < 1:
+            raise NeurontraceError("--seeds and --points must be at least 1 and --scan-limit at least 0")
+        if not self.levels or not all(0 < x <= 2 for x in self.levels):
+            raise NeurontraceError("--levels must be faithfulness levels such as 0.8,0.9")
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -74,19 +95,29 @@ def run_evaluation(
     model: NeuronModel,
     run: EvaluationRun,
     *,
-    train: Sequence[Any],
-    test: Sequence[Any],
+    train: Sequence[Any] | None = None,
+    test: Sequence[Any] | None = None,
+    splits: dict[int, tuple[Sequence[Any], Sequence[Any]]] | None = None,
     out: str | Path,
     progress: bool = True,
     log=print,
 ) -> list[Curve]:
     """Attribute with every method on ``train`` and sweep circuits on ``test`` for every basis; resumable.
 
+    ``splits`` maps each of ``run.seed_list`` to its (train, test) pairs; ``train``/``test`` give one split for
+    a one-seed run.
+
     Launched distributed, every process computes its share of each attribution and sweep (and gets every
     curve); only the main process logs and writes files.
     """
     run.validate()
-    if not train or not test:
+    if splits is None:
+        if run.seeds != 1:
+            raise NeurontraceError("a run of several seeds needs splits={seed: (train, test)}")
+        splits = {run.seed: (train, test)}
+    if sorted(splits) != run.seed_list:
+        raise NeurontraceError(f"splits must have the seeds {run.seed_list}, got {sorted(splits)}")
+    if not all(tr and te for tr, te in splits.values()):
         raise NeurontraceError("the train and test sets must both be non-empty")
     out = Path(out)
     (out / "attributions").mkdir(parents=True, exist_ok=True)
@@ -105,76 +136,90 @@ def run_evaluation(
     distributed.barrier()  # every process has read the old config before the main one writes it
     if main:
         write_text_atomic(config_path, json.dumps(config, indent=2))
-    evalsets: dict[str, EvalSet] = {}
     curves: list[Curve] = []
-    for basis in run.bases:
-        site = BASES[basis]
-        for method in run.methods:
-            key = f"{method}-{basis}"
-            curve_path = out / "curves" / f"{key}.json"
-            if curve_path.is_file():
-                curves.append(Curve.from_dict(json.loads(curve_path.read_text())))
-                log(f"  {key}: done already (resumed)")
-                continue
-            start = time.perf_counter()
-            result_path = out / "attributions" / f"{key}.safetensors"
-            if result_path.is_file():
-                result = AttributionResult.load(result_path)
-            else:
-                result = attribute(
-                    model,
-                    pairs=train,
-                    method=method,
-                    site=site,
-                    steps=run.steps,
-                    batch_size=run.batch_size,
-                    seed=run.seed,
-                    progress=progress,
-                    checkpoint=result_path.with_name(result_path.name + ".partial"),
-                    checkpoint_every_s=30.0,
+    for seed in run.seed_list:
+        train, test = splits[seed]
+        evalsets: dict[str, EvalSet] = {}
+        for basis in run.bases:
+            for method in run.methods:
+                curves.append(
+                    _one_curve(
+                        model, run, method, basis, seed, train, test, evalsets, out, progress, log, main
+                    )
                 )
-                if main:
-                    result.save(result_path)
-            t_attr = time.perf_counter() - start
-            scores = result.mean_scores if run.nodes == "per-position" else result.position_free
-            if scores is None:
-                raise NeurontraceError(
-                    "per-position nodes need train prompts of one token length; use --nodes summed"
-                )
-            if site not in evalsets:
-                evalsets[site] = prepare_eval(
-                    model,
-                    test,
-                    site=site,
-                    ablation=run.ablation,
-                    batch_size=run.batch_size * 4,
-                    seed=run.seed,
-                )
-            forwards = evalsets[site].forwards
-            start = time.perf_counter()
-            thresholds = default_thresholds(scores, run.points)
-            curve = sweep(
-                evalsets[site], scores, method=method, thresholds=thresholds, seed=run.seed, progress=progress
-            )
-            curve.meta = {
-                "attribution_seconds": t_attr,
-                "sweep_seconds": time.perf_counter() - start,
-                "sweep_forwards": evalsets[site].forwards - forwards,
-                "test_batches": len(evalsets[site].batches),
-                "nodes": run.nodes,
-            }
-            if main:
-                write_text_atomic(curve_path, curve.to_json())
-            reach = curve.nodes_to_reach(0.8)
-            log(
-                f"  {key}: attribution {t_attr:.1f} s, sweep {curve.meta['sweep_seconds']:.1f} s; "
-                + (
-                    f"faithfulness 0.8 at {reach.n_nodes} nodes"
-                    if reach
-                    else "faithfulness never reaches 0.8"
-                )
-            )
-            curves.append(curve)
     if main:
         write_text_atomic(out / "curves.json", json.dumps([c.to_dict() for c in curves], indent=2))
     return curves
+
+
+def _one_curve(model, run, method, basis, seed, train, test, evalsets, out, progress, log, main) -> Curve:
+    """Attribute (or load the saved attribution), then sweep one curve (or load it when done already)."""
+    site = BASES[basis]
+    key = f"{method}-{basis}-seed{seed}"
+    curve_path = out / "curves" / f"{key}.json"
+    if curve_path.is_file():
+        log(f"  {key}: done already (resumed)")
+        return Curve.from_dict(json.loads(curve_path.read_text()))
+    start = time.perf_counter()
+    result_path = out / "attributions" / f"{key}.safetensors"
+    if result_path.is_file():
+        result = AttributionResult.load(result_path)
+    else:
+        result = attribute(
+            model,
+            pairs=train,
+            method=method,
+            site=site,
+            steps=run.steps,
+            batch_size=run.batch_size,
+            seed=seed,
+            progress=progress,
+            checkpoint=result_path.with_name(result_path.name + ".partial"),
+            checkpoint_every_s=30.0,
+        )
+        if main:
+            result.save(result_path)
+    t_attr = time.perf_counter() - start
+    scores = result.mean_scores if run.nodes == "per-position" else result.position_free
+    if scores is None:
+        raise NeurontraceError(
+            "per-position nodes need train prompts of one token length; use --nodes summed"
+        )
+    if site not in evalsets:
+        evalsets[site] = prepare_eval(
+            model, test, site=site, ablation=run.ablation, batch_size=run.batch_size * 4, seed=seed
+        )
+    evalset = evalsets[site]
+    forwards = evalset.forwards
+    start = time.perf_counter()
+    curve = sweep(
+        evalset,
+        scores,
+        method=method,
+        thresholds=thresholds_for(scores, grid=run.grid, points=run.points),
+        levels=run.levels,
+        scan_limit=run.scan_limit,
+        seed=seed,
+        progress=progress,
+    )
+    curve.meta = {
+        "attribution_seconds": t_attr,
+        "sweep_seconds": time.perf_counter() - start,
+        "sweep_forwards": evalset.forwards - forwards,
+        "test_batches": len(evalset.batches),
+        "nodes": run.nodes,
+        "n_train": len(train),
+        "n_test": len(test),
+    }
+    if main:
+        write_text_atomic(curve_path, curve.to_json())
+    found = []
+    for lv in curve.levels:
+        if lv.n_nodes is None:
+            found.append(f"never reaches {lv.level:g}")
+        else:
+            found.append(f"{lv.n_nodes}{'' if lv.exact else ' (upper bound)'} nodes for {lv.level:g}")
+    log(
+        f"  {key}: attribution {t_attr:.1f} s, sweep {curve.meta['sweep_seconds']:.1f} s; " + ", ".join(found)
+    )
+    return curve

@@ -21,14 +21,25 @@ def normalised_abs(adjacency: torch.Tensor) -> torch.Tensor:
     return torch.where(total > 0, a / total.clamp_min(1e-300), torch.zeros_like(a))
 
 
-def node_influence(graph: AttributionGraph) -> torch.Tensor:
-    """Influence of every node on the (probability-weighted) target logits, ``[N]``; a logit's is its weight."""
+def logit_weights(graph: AttributionGraph) -> torch.Tensor:
+    """The weight of each target logit (its probability), 0 for every other node, ``[N]``."""
+    return torch.tensor([n.attribution if n.kind == LOGIT else 0.0 for n in graph.nodes], dtype=torch.float64)
+
+
+def path_influence(graph: AttributionGraph) -> torch.Tensor:
+    """``w A_n (I - A_n)^-1``: every node's influence on the weighted logits through its paths, ``[N]`` (0 at
+    the logits, which have no outgoing edges)."""
     a_n = normalised_abs(graph.adjacency)
-    w = torch.tensor([n.attribution if n.kind == LOGIT else 0.0 for n in graph.nodes], dtype=torch.float64)
+    w = logit_weights(graph)
     eye = torch.eye(a_n.shape[0], dtype=torch.float64)
     # row vector x = w A_n (I - A_n)^-1  <=>  x (I - A_n) = w A_n
-    x = torch.linalg.solve((eye - a_n).T, (w @ a_n)[:, None])[:, 0]
-    return torch.where(w > 0, w, x)
+    return torch.linalg.solve((eye - a_n).T, (w @ a_n)[:, None])[:, 0]
+
+
+def node_influence(graph: AttributionGraph) -> torch.Tensor:
+    """Influence of every node on the (probability-weighted) target logits, ``[N]``; a logit's is its weight."""
+    w = logit_weights(graph)
+    return torch.where(w > 0, w, path_influence(graph))
 
 
 def _cumulative_keep(values: torch.Tensor, fraction: float) -> torch.Tensor:
@@ -48,7 +59,9 @@ def prune_graph(
     graph: AttributionGraph, *, node_fraction: float = 0.8, edge_fraction: float = 0.98
 ) -> AttributionGraph:
     """A smaller graph keeping the nodes and edges that carry most of the influence on the logits."""
-    influence = node_influence(graph)
+    paths = path_influence(graph)
+    logit_weight = logit_weights(graph)
+    influence = torch.where(logit_weight > 0, logit_weight, paths)  # node_influence
     kinds = [n.kind for n in graph.nodes]
     is_neuron = torch.tensor([k == NEURON for k in kinds])
     keep = ~is_neuron  # embeddings and logits always stay
@@ -56,10 +69,8 @@ def prune_graph(
         torch.where(is_neuron, influence, torch.zeros_like(influence)), node_fraction
     )
     a_n = normalised_abs(graph.adjacency)
-    logit_weight = torch.tensor(
-        [n.attribution if n.kind == LOGIT else 0.0 for n in graph.nodes], dtype=torch.float64
-    )
-    edge_score = (influence + logit_weight)[:, None] * a_n
+    # an edge's score: its target's influence (paths, plus the weight when the target is a logit) x its share
+    edge_score = (paths + logit_weight)[:, None] * a_n
     edge_score = edge_score * keep[:, None] * keep[None, :]
     edge_keep = _cumulative_keep(edge_score.flatten(), edge_fraction).view_as(edge_score)
     adjacency = torch.where(edge_keep, graph.adjacency, torch.zeros_like(graph.adjacency))

@@ -137,8 +137,44 @@ def check_pairs(pairs: Sequence[Pair], tokenizer: Any, *, same_length: bool = Tr
                 )
 
 
-def filter_pairs(pairs: Sequence[Pair], tokenizer: Any, *, one_length: bool = True) -> list[Pair]:
-    """The pairs with single-token answers and equal clean/patch token lengths, in their order.
+REASON_ANSWER = "an answer is not one token"
+REASON_UNEQUAL = "clean and counterfactual prefixes differ in token length"
+REASON_LENGTH = "another token length than the most common one"
+
+
+@dataclass
+class FilterReport:
+    """What :func:`filter_report` kept and why it dropped the rest (every dropped pair has one reason)."""
+
+    kept: list[Pair]
+    total: int
+    dropped: dict[str, int]
+    lengths: dict[int, int]  # prefix token length -> usable pairs of that length (before any length cut)
+
+    @property
+    def n_kept(self) -> int:
+        return len(self.kept)
+
+    def describe(self, what: str = "pairs") -> str:
+        """One line, e.g. ``kept 212 of 400 pairs; dropped 188: another token length than the most common one``."""
+        text = f"kept {self.n_kept} of {self.total} {what}"
+        if self.dropped:
+            reasons = ", ".join(f"{n} ({reason})" for reason, n in self.dropped.items())
+            text += f"; dropped {self.total - self.n_kept}: {reasons}"
+        return text
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "total": self.total,
+            "kept": self.n_kept,
+            "dropped": dict(self.dropped),
+            "lengths": {str(k): v for k, v in sorted(self.lengths.items())},
+        }
+
+
+def filter_report(pairs: Sequence[Pair], tokenizer: Any, *, one_length: bool = True) -> FilterReport:
+    """The pairs with single-token answers and equal clean/patch token lengths, in their order, with the count
+    of every pair dropped and its reason.
 
     With ``one_length`` only pairs of the most common prefix length are kept (ties: the shortest), so every
     position lines up across the whole set.
@@ -152,15 +188,30 @@ def filter_pairs(pairs: Sequence[Pair], tokenizer: Any, *, one_length: bool = Tr
             n_tokens[key] = len(tok.encode(text, add_special_tokens=special))
         return n_tokens[key]
 
+    dropped: Counter[str] = Counter()
     kept: list[tuple[Pair, int]] = []
     for pair in pairs:
         if length(pair.clean_answer, False) != 1 or length(pair.patch_answer, False) != 1:
+            dropped[REASON_ANSWER] += 1
             continue
         n = length(pair.clean_prefix, True)
         if n > 0 and n == length(pair.patch_prefix, True):
             kept.append((pair, n))
+        else:
+            dropped[REASON_UNEQUAL] += 1
+    counts = Counter(n for _, n in kept)
     if one_length and kept:
-        counts = Counter(n for _, n in kept)
         best = min(counts, key=lambda n: (-counts[n], n))
+        if len(counts) > 1:
+            dropped[REASON_LENGTH] += sum(c for n, c in counts.items() if n != best)
         kept = [(p, n) for p, n in kept if n == best]
-    return [p for p, _ in kept]
+    return FilterReport([p for p, _ in kept], len(pairs), dict(dropped), dict(counts))
+
+
+def filter_pairs(pairs: Sequence[Pair], tokenizer: Any, *, one_length: bool = True) -> list[Pair]:
+    """The pairs with single-token answers and equal clean/patch token lengths, in their order.
+
+    With ``one_length`` only pairs of the most common prefix length are kept (ties: the shortest), so every
+    position lines up across the whole set. :func:`filter_report` also says what was dropped and why.
+    """
+    return filter_report(pairs, tokenizer, one_length=one_length).kept

@@ -8,6 +8,8 @@ Four tasks; in each the counterfactual flips the number of one noun, which flips
 - ``rc``: across a relative clause, "The authors that the editor likes" -> " are" (the main verb agrees with
   the main subject; the embedded verb with the embedded noun); the patch flips the subject; case = subject
   number _ embedded-noun number.
+- ``pp_mixed``: as ``nounpp`` with one-, two- and three-word prepositions ("near", "next to", "in front of"),
+  so prompts have several token lengths (evaluated with position-summed nodes); case as ``nounpp``.
 - ``within_rc``: inside the relative clause, "The authors that the editors" -> " do" (agreeing with the
   embedded subject); the patch flips the embedded noun; case = main-noun number _ embedded-noun number.
 
@@ -25,7 +27,10 @@ from typing import Any
 from neurontrace.errors import DatasetError, NeurontraceError
 from neurontrace.tasks.pairs import Pair, filter_pairs, save_pairs
 
-SVA_TASKS = ("simple", "nounpp", "rc", "within_rc")
+SVA_TASKS = ("simple", "nounpp", "rc", "within_rc", "pp_mixed")
+
+MIXED_LENGTH_TASKS = ("pp_mixed",)
+"""Tasks whose prompts have several token lengths by design (the tokenizer filter keeps every length)."""
 
 MAX_PAIRS = 10_000
 """Largest set :func:`generate_sva` returns when no ``n`` is given."""
@@ -55,6 +60,17 @@ OBJECT_NOUNS = _nouns(
     "garden machine computer"
 )
 PREPOSITIONS = ("near", "behind", "beside", "by", "under", "outside")
+# One-, two- and three-word prepositions of the mixed-length task (about half of them one word).
+MIXED_PREPOSITIONS = (
+    "near",
+    "behind",
+    "beside",
+    "under",
+    "next to",
+    "across from",
+    "close to",
+    "in front of",
+)
 # Transitive verbs of the relative clause: (singular, plural).
 TRANSITIVE_VERBS = (
     ("likes", "like"),
@@ -92,9 +108,9 @@ def _simple() -> Iterator[Pair]:
                 )
 
 
-def _nounpp() -> Iterator[Pair]:
+def _nounpp(prepositions: Sequence[str] = PREPOSITIONS) -> Iterator[Pair]:
     for subj in SUBJECT_NOUNS:
-        for prep in PREPOSITIONS:
+        for prep in prepositions:
             for obj in OBJECT_NOUNS:
                 for verb in AGREEING_VERBS:
                     for s in (_SG, _PL):
@@ -145,6 +161,7 @@ _GENERATORS: dict[str, tuple[Callable[[], Iterator[Pair]], tuple[str, ...]]] = {
     "nounpp": (_nounpp, _cases(two_nouns=True)),
     "rc": (_rc, _cases(two_nouns=True)),
     "within_rc": (_within_rc, _cases(two_nouns=True)),
+    "pp_mixed": (lambda: _nounpp(MIXED_PREPOSITIONS), _cases(two_nouns=True)),
 }
 
 
@@ -159,14 +176,15 @@ def generate_sva(task: str, *, n: int | None = None, seed: int = 0, tokenizer: A
 
     Deterministic for a ``seed``. Without ``n``, as many as the cases allow in balance, at most
     :data:`MAX_PAIRS`. With a ``tokenizer`` (or a model), only pairs with single-token answers and equal
-    clean/patch token lengths, all of one length, are used, so positions align across the set.
+    clean/patch token lengths, all of one length, are used, so positions align across the set (tasks in
+    :data:`MIXED_LENGTH_TASKS` keep every length).
     """
     make, cases = _task(task)
     if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
         raise NeurontraceError(f"n must be a positive number of pairs, got {n!r}")
     pairs = list(make())
     if tokenizer is not None:
-        pairs = filter_pairs(pairs, tokenizer, one_length=True)
+        pairs = filter_pairs(pairs, tokenizer, one_length=task not in MIXED_LENGTH_TASKS)
     by_case: dict[str, list[Pair]] = {c: [] for c in cases}
     for p in pairs:
         by_case[p.case].append(p)
