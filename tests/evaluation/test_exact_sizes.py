@@ -222,3 +222,19 @@ def test_mixed_lengths_summed_nodes_align_from_the_end(model):
         assert float(got[i]) == pytest.approx(want, abs=1e-4)
     with pytest.raises(Exception, match="one token length"):
         ev.metric_values(torch.ones(model.n_layers, 5, model.d_ff, dtype=torch.bool))
+
+
+def test_the_papers_grid_adds_the_empty_and_the_full_circuit(model):
+    from neurontrace.evaluation.faithfulness import thresholds_for
+
+    scores = torch.randn(model.n_layers, model.d_ff, generator=torch.Generator().manual_seed(6))
+    grid = thresholds_for(scores, grid="paper")
+    top = float(scores.abs().max())
+    assert len(grid) == 33 and grid[0] == 0.0 and grid[-2:] == [math.inf, -1.0]
+    assert grid[1] == pytest.approx(1e-6 * top) and grid[30] == pytest.approx(top)
+    assert len(thresholds_for(scores, grid="log", points=40)) == 41
+    ev = prepare_eval(model, PAIRS[:6], ablation="zero", batch_size=8)
+    curve = sweep(ev, scores, method="random", thresholds=grid, levels=(), random_control=False)
+    assert curve.points[0].n_nodes == 0 and curve.points[-1].n_nodes == scores.numel()
+    assert curve.points[0].faithfulness == pytest.approx(0.0, abs=1e-6)
+    assert curve.points[-1].faithfulness == pytest.approx(1.0, abs=1e-6)

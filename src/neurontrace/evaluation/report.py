@@ -249,7 +249,7 @@ def plot_curves(curves: Sequence[Curve], path: str | Path, *, title: str = "") -
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax_f, ax_c) = plt.subplots(1, 2, figsize=(15, 5.2), constrained_layout=True)
+    fig, (ax_f, ax_c) = plt.subplots(1, 2, figsize=(14, 6.2), constrained_layout=True)
     groups: dict[tuple[str, str], list[Curve]] = {}
     for c in curves:
         groups.setdefault((c.method, c.basis), []).append(c)
@@ -292,7 +292,7 @@ def plot_curves(curves: Sequence[Curve], path: str | Path, *, title: str = "") -
         ax.axhline(1.0, color="black", lw=0.5)
         ax.axhline(0.0, color="black", lw=0.5)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
+        ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=2, frameon=False)
     for level in LEVELS:
         ax_f.axhline(level, color="gray", lw=0.7, ls=":")
         ax_f.annotate(
