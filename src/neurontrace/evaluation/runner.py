@@ -210,6 +210,7 @@ def _one_curve(model, run, method, basis, seed, train, test, evalsets, out, prog
         "nodes": run.nodes,
         "n_train": len(train),
         "n_test": len(test),
+        "test_cases": [getattr(p, "case", None) for p in test],  # in the order of the per-example samples
     }
     if main:
         write_text_atomic(curve_path, curve.to_json())
