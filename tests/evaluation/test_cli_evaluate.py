@@ -104,6 +104,32 @@ def test_fresh_never_deletes_a_folder_evaluate_did_not_write(folder, tmp_path, c
     assert not (run / "curves" / "stale.json").exists()
 
 
+def test_pairs_with_template_slots_are_evaluated_slot_by_slot(folder, tmp_path, capsys):
+    slotted = [
+        Pair(
+            f"the {sg} {prep} the {o}",
+            f"the {pl} {prep} the {o}",
+            " is",
+            " are",
+            slots=("the", sg, prep, "the", o),
+        )
+        for sg, pl in SUBJECTS
+        for prep in ("near", "near to")
+        for o in ("table", "dog")
+    ]
+    data = tmp_path / "slotted.jsonl"
+    save_pairs(data, slotted)
+    out = tmp_path / "run"
+    argv = ["evaluate", "--model", folder, "--dataset", str(data), "--methods", "relp", "--bases", "neurons"]
+    assert main([*argv, "--points", "6", "--out", str(out)]) == 0
+    assert "nodes: slots" in capsys.readouterr().err
+    config = json.loads((out / "config.json").read_text())
+    assert config["nodes"] == "slots" and config["extra"]["pairs"]["dataset"]["kept"] == len(slotted)
+    curve = json.loads((out / "curves.json").read_text())[0]
+    assert curve["n_total"] == 3 * 6 * 48  # layers x (special + 5 slots) x neurons
+    assert (out / "attributions" / "relp-neurons-seed0.slots.safetensors").is_file()
+
+
 @pytest.mark.default_model
 def test_a_400_pair_mixed_length_agreement_file_is_used_in_full(default_model, tmp_path):
     """The issue's case: agreement pairs with one-, two- and three-word prepositions ("next to", "in front
@@ -127,3 +153,7 @@ def test_a_400_pair_mixed_length_agreement_file_is_used_in_full(default_model, t
     assert max(report["lengths"].values()) < 0.7 * 400  # a one-length cut would drop over 30%
     train, test = data.splits[0]
     assert data.nodes == "summed" and len(train) + len(test) >= 0.95 * 400
+    # the same pairs with the generator's template slots: aligned slot by slot, every pair kept
+    save_pairs(path, pairs)
+    data = load_data(args, default_model.tokenizer)
+    assert data.nodes == "slots" and sum(map(len, data.splits[0])) == 400

@@ -238,3 +238,62 @@ def test_the_papers_grid_adds_the_empty_and_the_full_circuit(model):
     assert curve.points[0].n_nodes == 0 and curve.points[-1].n_nodes == scores.numel()
     assert curve.points[0].faithfulness == pytest.approx(0.0, abs=1e-6)
     assert curve.points[-1].faithfulness == pytest.approx(1.0, abs=1e-6)
+
+
+SLOTTED = [
+    Pair(
+        f"the {sg} {prep} the {o}",
+        f"the {pl} {prep} the {o}",
+        " is",
+        " are",
+        slots=("the", sg, prep, "the", o),
+    )
+    for sg, pl in NOUNS[:3]
+    for prep in ("near", "near to")
+    for o in ("table", "dog")
+]
+
+
+def test_slot_nodes_align_prompts_of_several_lengths(model):
+    """Slot masks reach every token of their slot; mean-ablation values are shared by the tokens at the same
+    distance from the end of the same slot; slot scores are each pair's token scores added into slots."""
+    from neurontrace.attribution.api import attribute
+    from neurontrace.evaluation.runner import slot_scores
+    from neurontrace.tasks.slots import slot_map
+
+    maps = [slot_map(model.tokenizer, p) for p in SLOTTED]
+    assert maps[0] == [1, 2, 3, 4, 5] and maps[2] == [1, 2, 3, 3, 4, 5]  # "near to": two tokens, one slot
+    ev = prepare_eval(model, SLOTTED, ablation="mean", batch_size=8, slot_maps=maps)
+    assert ev.width == 6  # slot 0 (special tokens) + 5 slots
+    keep = torch.ones(model.n_layers, 6, model.d_ff, dtype=torch.bool)
+    keep[1, 3, :] = False  # ablate the preposition slot of layer 1
+    keep[0, 5, :7] = False  # and 7 units of the last noun at layer 0
+    acts = [hand_acts(model, p.patch_prefix) for p in SLOTTED]
+    aligned: dict[tuple[int, int], list[torch.Tensor]] = {}
+    for m, a in zip(maps, acts, strict=True):
+        for pos, s in enumerate(m):
+            aligned.setdefault((s, sum(1 for x in m[pos + 1 :] if x == s)), []).append(a[:, pos])
+    got = ev.metric_values(keep)
+    for i, (p, m) in enumerate(zip(SLOTTED, maps, strict=True)):
+        t = len(m)
+        values = torch.stack(
+            [
+                torch.stack(aligned[(s, sum(1 for x in m[pos + 1 :] if x == s))]).mean(0)
+                for pos, s in enumerate(m)
+            ],
+            dim=1,
+        )  # [L, T, d]
+        mask = ~keep[:, m]  # [L, T, d]: True where ablated
+        replace = {
+            layer: (mask[layer], values[layer]) for layer in range(model.n_layers) if mask[layer].any()
+        }
+        want = hand_metric(model, p, hand_run(model, p.clean_prefix, replace))
+        assert float(got[i]) == pytest.approx(want, abs=1e-4), i
+        assert t in (5, 6)
+    scores = slot_scores(model, SLOTTED, method="relp", site="neurons")
+    want = torch.zeros_like(scores)
+    for p, m in zip(SLOTTED, maps, strict=True):
+        alone = attribute(model, pairs=[p], method="relp").mean_scores  # [L, T, d]
+        for pos, s in enumerate(m):
+            want[:, s] += alone[:, pos] / len(SLOTTED)
+    assert torch.allclose(scores, want, atol=1e-5)

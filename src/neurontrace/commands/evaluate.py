@@ -7,6 +7,7 @@ import random
 import shutil
 import sys
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,23 +41,36 @@ class Data:
     message: str = ""
 
 
+REASON_SLOTS = "another number of template slots than the most common one"
+
+
 def _resolve_nodes(requested: str, report: FilterReport) -> str:
+    """auto: per-position when >= 95% of the usable pairs share one token length, else slots when every pair
+    has template slots, else summed."""
     if requested != "auto":
         return requested
     lengths = report.lengths
-    if not lengths:
+    if not lengths or max(lengths.values()) >= ONE_LENGTH_SHARE * sum(lengths.values()):
         return "per-position"
-    return "per-position" if max(lengths.values()) >= ONE_LENGTH_SHARE * sum(lengths.values()) else "summed"
+    return "slots" if all(p.slots is not None for p in report.kept) else "summed"
 
 
 def _filtered(pairs: list, tokenizer, nodes: str, name: str) -> tuple[FilterReport, str]:
     probe = filter_report(pairs, tokenizer, one_length=False)
     nodes = _resolve_nodes(nodes, probe)
-    report = (
-        filter_report(pairs, tokenizer, one_length=nodes == "per-position")
-        if nodes == "per-position"
-        else probe
-    )
+    report = filter_report(pairs, tokenizer, one_length=True) if nodes == "per-position" else probe
+    if nodes == "slots" and report.kept:
+        missing = sum(p.slots is None for p in report.kept)
+        if missing:
+            raise NeurontraceError(
+                f"{name}: {missing} of {report.n_kept} pairs have no 'slots' list; --nodes slots needs slots in "
+                "every pair (use --nodes summed for free-form pairs)"
+            )
+        counts = Counter(len(p.slots) for p in report.kept)
+        best = max(counts, key=lambda k: (counts[k], -k))
+        if len(counts) > 1:
+            report.dropped[REASON_SLOTS] = sum(c for k, c in counts.items() if k != best)
+            report.kept = [p for p in report.kept if len(p.slots) == best]
     if not report.kept:
         raise NeurontraceError(
             f"{name}: no usable pairs for this tokenizer ({report.describe()}); answers must be one token and "
@@ -218,9 +232,11 @@ def add_evaluate_parser(sub, add_model_args) -> None:
     p.add_argument(
         "--nodes",
         default="auto",
-        choices=["auto", "per-position", "summed"],
+        choices=["auto", "per-position", "summed", "slots"],
         help="per-position: (layer, position, unit) nodes, prompts of one token length; summed: (layer, unit) "
-        "nodes over every position, any lengths; auto: per-position when >= 95%% of the pairs share one length",
+        "nodes over every position, any lengths; slots: (layer, template slot, unit) nodes, any lengths, for "
+        "pairs with 'slots' (the generators write them); auto: per-position when >= 95%% of the pairs share one "
+        "length, else slots when every pair has them, else summed",
     )
     p.add_argument(
         "--n-train",

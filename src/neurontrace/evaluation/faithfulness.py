@@ -61,6 +61,7 @@ class EvalBatch:
     rows: list[int]  # indices of these examples in the test set
     keys: torch.Tensor  # [T] aligned position of each position (which mean-ablation value it gets)
     values: torch.Tensor | None  # [B, L, T, width] donors' counterfactual activations (resample)
+    node_pos: torch.Tensor | None = None  # [T] node position (slot) of each token; None: the token's own
 
 
 @dataclass
@@ -74,7 +75,9 @@ class EvalSet:
     batches: list[EvalBatch]
     mean: torch.Tensor | None  # [K, L, width]: counterfactual mean per aligned position (mean ablation)
     n_total: int  # test examples over every process (launched distributed, batches are a share)
-    width: int | None  # the token length of every test prompt, or None when they differ
+    width: (
+        int | None
+    )  # node positions of a per-position mask: the one token length (or slot count), else None
     forwards: int = 0  # forward passes run so far (for the cost accounting in tests and benchmarks)
 
     @property
@@ -84,8 +87,8 @@ class EvalSet:
     def metric_values(self, keep: torch.Tensor | None) -> torch.Tensor:
         """Metric of every test example (``[n]``, float64) with every node outside ``keep`` ablated.
 
-        ``keep``: ``[L, T, w]`` (per-position nodes; needs one token length) or ``[L, w]`` (a unit at every
-        position) boolean; ``None`` runs the full model. Launched distributed, every process gets all values.
+        ``keep``: ``[L, T, w]`` (per-position nodes; needs one token length, or ``[L, S, w]`` over the slots
+        of an evaluation set made with ``slot_maps``) or ``[L, w]`` (a unit at every position) boolean; ``None`` runs the full model. Launched distributed, every process gets all values.
         """
         if keep is not None and keep.dim() == 3 and (self.width is None or keep.shape[1] != self.width):
             raise NeurontraceError(
@@ -122,6 +125,9 @@ class EvalSet:
     def _ablator(self, eb: EvalBatch, li: int, keep: torch.Tensor):
         keep_l = keep[li]  # [T, w] or [w]
 
+        if eb.node_pos is not None and keep_l.dim() == 2:
+            keep_l = keep_l[eb.node_pos]  # slots -> this batch's tokens
+
         def fn(x: torch.Tensor) -> torch.Tensor:
             k = keep_l.to(x.device)
             if self.ablation == "zero":
@@ -154,8 +160,13 @@ def prepare_eval(
     ablation: str = "mean",
     batch_size: int = 32,
     seed: int = 0,
+    slot_maps: Sequence[Sequence[int]] | None = None,
 ) -> EvalSet:
     """Tokenise test pairs, and compute the ablation values once.
+
+    ``slot_maps`` (the slot of every token of each pair, :func:`neurontrace.tasks.slots.slot_map`) makes
+    per-position masks range over slots instead of tokens, for prompts of several token lengths; mean-ablation
+    values are then shared by the tokens at the same distance from the end of the same slot.
 
     ``mean``: mean of the site over the counterfactual prompts at each aligned position; ``zero``;
     ``resample``: each example gets the counterfactual activations of another, randomly chosen, test example
@@ -180,15 +191,20 @@ def prepare_eval(
     n = len(pairs)
     lengths = (clean_all.width - clean_all.pad).tolist()
     bos_id = getattr(model.tokenizer, "bos_token_id", None)
-    order = sorted(range(n), key=lambda i: (lengths[i], i))  # one token length per batch, no padding
+    if slot_maps is not None:
+        slot_maps = [tuple(m) for m in slot_maps]
+        if len(slot_maps) != n or any(len(m) != t for m, t in zip(slot_maps, lengths, strict=True)):
+            raise NeurontraceError("slot_maps must give the slot of every token of every test prompt")
+    layout = [(lengths[i], slot_maps[i] if slot_maps else None) for i in range(n)]  # a batch shares one
+    order = sorted(range(n), key=lambda i: (layout[i], i))  # one layout per batch, no padding
     donor = None
     if ablation == "resample":  # drawn for the whole test set, so every share of it gets the same partners
         generator = torch.Generator().manual_seed(seed)
         donor = list(range(n))
-        by_length: dict[int, list[int]] = {}
+        by_layout: dict[tuple, list[int]] = {}
         for i in range(n):
-            by_length.setdefault(lengths[i], []).append(i)
-        for group in by_length.values():
+            by_layout.setdefault(layout[i], []).append(i)
+        for group in by_layout.values():
             g = len(group)
             shifts = torch.randint(1, max(2, g), (g,), generator=generator).tolist()
             for j, i in enumerate(group):
@@ -204,7 +220,21 @@ def prepare_eval(
         acts = capture(model, rows_batch(patch_all, rows), sites=site, layers=layers, keep_logits=False)
         return torch.stack([acts.get(layer, site).cpu() for layer in layers], dim=1)  # [B, L, T, w]
 
-    n_keys = 1 + max(lengths)
+    def slot_aligned(m: tuple[int, ...]) -> list[tuple[int, int]]:
+        """(slot, distance from the slot's last token) of every token."""
+        return [(s, sum(1 for x in m[p + 1 :] if x == s)) for p, s in enumerate(m)]
+
+    slot_keys: dict[tuple[int, int], int] = {}  # numbered over the whole set, the same in every process
+    for i in order if slot_maps is not None else ():
+        for a in slot_aligned(slot_maps[i]):
+            slot_keys.setdefault(a, len(slot_keys))
+
+    def keys_of(batch: Batch, i: int) -> torch.Tensor:
+        if slot_maps is None:
+            return _aligned_keys(batch.input_ids[0], bos_id)
+        return torch.tensor([slot_keys[a] for a in slot_aligned(slot_maps[i])])
+
+    n_keys = 1 + max(lengths) if slot_maps is None else len(slot_keys)
     width = site_width(model, site)
     sums = torch.zeros(n_keys, len(layers), width, dtype=torch.float64) if ablation == "mean" else None
     counts = torch.zeros(n_keys, dtype=torch.float64)
@@ -220,7 +250,7 @@ def prepare_eval(
         rows = share[start:stop]
         start = stop
         batch = rows_batch(clean_all, rows)
-        keys = _aligned_keys(batch.input_ids[0], bos_id)
+        keys = keys_of(batch, rows[0])
         metric = make_metric(
             "logit-diff", answer=[answers[r] for r in rows], contrast=[contrasts[r] for r in rows]
         )
@@ -229,11 +259,15 @@ def prepare_eval(
             acts = patch_acts(rows).double().sum(0)  # [L, T, w]
             sums.index_add_(0, keys, acts.transpose(0, 1))
             counts.index_add_(0, keys, torch.full((len(keys),), float(len(rows)), dtype=torch.float64))
-        batches.append(EvalBatch(batch, metric, rows, keys, values))
+        node_pos = None if slot_maps is None else torch.tensor(slot_maps[rows[0]])
+        batches.append(EvalBatch(batch, metric, rows, keys, values, node_pos))
     mean = None
     if ablation == "mean":
         sums, counts = distributed.all_reduce_sum(sums), distributed.all_reduce_sum(counts)
         mean = (sums / counts.clamp_min(1)[:, None, None]).float()
+    if slot_maps is not None:
+        n_slots = 1 + max(max(m) for m in slot_maps)
+        return EvalSet(model, site, layers, ablation, batches, mean, n, n_slots)
     one_length = len(set(lengths)) == 1
     return EvalSet(model, site, layers, ablation, batches, mean, n, lengths[0] if one_length else None)
 

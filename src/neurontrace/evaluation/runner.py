@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from neurontrace import distributed
 from neurontrace.attribution.api import attribute
 from neurontrace.attribution.engine import METHODS
@@ -35,8 +37,12 @@ from neurontrace.evaluation.faithfulness import (
     sweep,
     thresholds_for,
 )
-from neurontrace.io import write_text_atomic
+from neurontrace.io import write_bytes_atomic, write_text_atomic
 from neurontrace.models.model import NeuronModel
+from neurontrace.tasks.slots import slot_map
+
+NODES: tuple[str, ...] = ("per-position", "summed", "slots")
+"""Node alignment: (layer, token position, unit); (layer, unit) at every position; (layer, template slot, unit)."""
 
 BASES: dict[str, str] = {"neurons": "neurons", "mlp-out": "mlp_out", "resid": "resid", "attn-out": "attn_out"}
 
@@ -50,7 +56,7 @@ class EvaluationRun:
     methods: list[str]
     bases: list[str]
     ablation: str = "mean"
-    nodes: str = "per-position"  # or "summed" (a unit at every position)
+    nodes: str = "per-position"  # or "summed" (a unit at every position) or "slots" (template slots)
     n_train: int = 0
     n_test: int = 0
     steps: int = 16
@@ -76,8 +82,8 @@ class EvaluationRun:
                 raise NeurontraceError(f"unknown basis {b!r}; choose from {', '.join(BASES)}")
         if self.ablation not in ABLATIONS:
             raise NeurontraceError(f"unknown ablation {self.ablation!r}; choose from {', '.join(ABLATIONS)}")
-        if self.nodes not in ("per-position", "summed"):
-            raise NeurontraceError("nodes must be per-position or summed")
+        if self.nodes not in NODES:
+            raise NeurontraceError(f"nodes must be one of {', '.join(NODES)}")
         if not self.methods or not self.bases:
             raise NeurontraceError("give at least one method and one basis")
         if self.grid not in GRIDS:
@@ -161,33 +167,45 @@ def _one_curve(model, run, method, basis, seed, train, test, evalsets, out, prog
         log(f"  {key}: done already (resumed)")
         return Curve.from_dict(json.loads(curve_path.read_text()))
     start = time.perf_counter()
-    result_path = out / "attributions" / f"{key}.safetensors"
-    if result_path.is_file():
-        result = AttributionResult.load(result_path)
+    if run.nodes == "slots":
+        scores = _slot_scores_cached(
+            model, run, method, site, seed, train, out / "attributions" / key, progress, main
+        )
     else:
-        result = attribute(
-            model,
-            pairs=train,
-            method=method,
-            site=site,
-            steps=run.steps,
-            batch_size=run.batch_size,
-            seed=seed,
-            progress=progress,
-            checkpoint=result_path.with_name(result_path.name + ".partial"),
-            checkpoint_every_s=30.0,
-        )
-        if main:
-            result.save(result_path)
+        result_path = out / "attributions" / f"{key}.safetensors"
+        if result_path.is_file():
+            result = AttributionResult.load(result_path)
+        else:
+            result = attribute(
+                model,
+                pairs=train,
+                method=method,
+                site=site,
+                steps=run.steps,
+                batch_size=run.batch_size,
+                seed=seed,
+                progress=progress,
+                checkpoint=result_path.with_name(result_path.name + ".partial"),
+                checkpoint_every_s=30.0,
+            )
+            if main:
+                result.save(result_path)
+        scores = result.mean_scores if run.nodes == "per-position" else result.position_free
+        if scores is None:
+            raise NeurontraceError(
+                "per-position nodes need train prompts of one token length; use --nodes summed"
+            )
     t_attr = time.perf_counter() - start
-    scores = result.mean_scores if run.nodes == "per-position" else result.position_free
-    if scores is None:
-        raise NeurontraceError(
-            "per-position nodes need train prompts of one token length; use --nodes summed"
-        )
     if site not in evalsets:
+        maps = [slot_map(model.tokenizer, p) for p in test] if run.nodes == "slots" else None
         evalsets[site] = prepare_eval(
-            model, test, site=site, ablation=run.ablation, batch_size=run.batch_size * 4, seed=seed
+            model,
+            test,
+            site=site,
+            ablation=run.ablation,
+            batch_size=run.batch_size * 4,
+            seed=seed,
+            slot_maps=maps,
         )
     evalset = evalsets[site]
     forwards = evalset.forwards
@@ -224,3 +242,62 @@ def _one_curve(model, run, method, basis, seed, train, test, evalsets, out, prog
         f"  {key}: attribution {t_attr:.1f} s, sweep {curve.meta['sweep_seconds']:.1f} s; " + ", ".join(found)
     )
     return curve
+
+
+def slot_scores(
+    model: NeuronModel,
+    pairs: Sequence[Any],
+    *,
+    method: str,
+    site: str,
+    steps: int = 16,
+    batch_size: int = 16,
+    seed: int = 0,
+    progress: bool = False,
+) -> torch.Tensor:
+    """Mean over ``pairs`` of each template slot's score (its tokens' scores added), ``[L, S, d]``.
+
+    Pairs are attributed in groups of one token layout (same slot of every token), each group's per-position
+    mean scores added into slots, and the groups combined by their sizes.
+    """
+    maps = [tuple(slot_map(model.tokenizer, p)) for p in pairs]
+    groups: dict[tuple[int, ...], list[Any]] = {}
+    for p, m in zip(pairs, maps, strict=True):
+        groups.setdefault(m, []).append(p)
+    n_slots = 1 + max(max(m) for m in maps)
+    total = None
+    items = list(groups.items())
+    if progress:
+        from tqdm.auto import tqdm
+
+        items = tqdm(items, desc=f"{method} attribution (slot layouts)", disable=not distributed.is_main())
+    for m, group in items:
+        result = attribute(
+            model, pairs=group, method=method, site=site, steps=steps, batch_size=batch_size, seed=seed
+        )
+        per_position = result.mean_scores  # [L, T, d]
+        slots = torch.zeros(per_position.shape[0], n_slots, per_position.shape[2])
+        slots.index_add_(1, torch.tensor(m), per_position)
+        total = slots * len(group) if total is None else total + slots * len(group)
+    return total / len(pairs)
+
+
+def _slot_scores_cached(model, run, method, site, seed, train, stem: Path, progress, main) -> torch.Tensor:
+    from safetensors.torch import load, save
+
+    path = stem.with_name(stem.name + ".slots.safetensors")
+    if path.is_file():
+        return load(path.read_bytes())["scores"]
+    scores = slot_scores(
+        model,
+        train,
+        method=method,
+        site=site,
+        steps=run.steps,
+        batch_size=run.batch_size,
+        seed=seed,
+        progress=progress,
+    )
+    if main:
+        write_bytes_atomic(path, save({"scores": scores.contiguous()}))
+    return scores

@@ -11,7 +11,7 @@ import json
 import os
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +32,9 @@ class Pair:
         clean_answer: the expected next token after ``clean_prefix``, e.g. ``" are"``.
         patch_answer: the expected next token after ``patch_prefix``, e.g. ``" is"``.
         case: an optional label of the pair's condition (e.g. ``"plural_singular"``), used to balance sets.
+        slots: optional template slots: consecutive pieces of ``clean_prefix`` joined by single spaces, e.g.
+            ``("The", "keys", "next to", "the", "cabinet")``. Pairs with as many slots align slot by slot
+            (``--nodes slots``) whatever their token lengths. Not part of a pair's identity.
     """
 
     clean_prefix: str
@@ -39,12 +42,15 @@ class Pair:
     clean_answer: str
     patch_answer: str
     case: str | None = None
+    slots: tuple[str, ...] | None = field(default=None, compare=False)
 
-    def to_dict(self) -> dict[str, str]:
-        """The JSON object of this pair (``case`` only when set)."""
-        out = {name: getattr(self, name) for name in FIELDS}
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON object of this pair (``case`` and ``slots`` only when set)."""
+        out: dict[str, Any] = {name: getattr(self, name) for name in FIELDS}
         if self.case is not None:
             out["case"] = self.case
+        if self.slots is not None:
+            out["slots"] = list(self.slots)
         return out
 
 
@@ -72,7 +78,17 @@ def _pair_from_line(line: str, where: str) -> Pair:
     case = obj.get("case")
     if case is not None and not isinstance(case, str):
         raise DatasetError(f"{where}: field 'case' must be a string or absent, got {type(case).__name__}")
-    return Pair(**values, case=case)
+    slots = obj.get("slots")
+    if slots is not None:
+        if not isinstance(slots, list) or not all(isinstance(x, str) and x for x in slots):
+            raise DatasetError(f"{where}: field 'slots' must be a list of non-empty strings or absent")
+        if " ".join(slots) != values["clean_prefix"]:
+            raise DatasetError(
+                f"{where}: the slots {slots!r} joined by spaces must give the clean_prefix "
+                f"{values['clean_prefix']!r}"
+            )
+        slots = tuple(slots)
+    return Pair(**values, case=case, slots=slots)
 
 
 def load_pairs(path: str | os.PathLike) -> list[Pair]:

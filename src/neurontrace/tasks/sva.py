@@ -121,6 +121,7 @@ def _nounpp(prepositions: Sequence[str] = PREPOSITIONS) -> Iterator[Pair]:
                                 clean_answer=verb[s],
                                 patch_answer=verb[1 - s],
                                 case=f"{NUMBERS[s]}_{NUMBERS[o]}",
+                                slots=("The", subj[s], prep, "the", obj[o]),
                             )
 
 
