@@ -49,6 +49,33 @@ def size_ratio(curves: list[Curve], level: float, num: str, den: str) -> tuple[f
     return sum(points) / len(points), intervals.percentile_interval(torch.cat(reps))
 
 
+def by_case(curves: list[Curve], method: str = "relp", level: float = 0.8) -> list[str]:
+    """Per test-pair case, over seeds: F(M), F(∅) and F(C^c) (mean logit difference) at the exact size for
+    ``level``, and the share of pairs whose logit difference is below 0 (the counterfactual verb preferred)
+    with the circuit ablated."""
+    acc: dict[str, dict[str, list[float]]] = {}
+    for c in curves:
+        lv = c.level(level)
+        cases = c.meta.get("test_cases")
+        if c.method != method or lv is None or lv.n_nodes is None or not cases or None in cases:
+            continue
+        comp = c.samples["complement"][str(lv.n_nodes)]
+        for i, case in enumerate(cases):
+            a = acc.setdefault(case, {"model": [], "empty": [], "complement": []})
+            a["model"].append(c.samples["model"][i])
+            a["empty"].append(c.samples["empty"][i])
+            a["complement"].append(comp[i])
+    rows = []
+    mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
+    for case, a in sorted(acc.items()):
+        flipped = sum(x < 0 for x in a["complement"]) / len(a["complement"])
+        rows.append(
+            f"{case} | {len(a['model'])} | {mean(a['model']):.2f} | {mean(a['empty']):.2f} | "
+            f"{mean(a['complement']):.2f} | {flipped:.0%}"
+        )
+    return rows
+
+
 def verdict(ci: list[float]) -> str:
     if ci[0] > 1:
         return "RelP smaller"
@@ -61,6 +88,7 @@ def main() -> None:
     rows = []
     ratios = []
     notes = []
+    cases: list[str] = []
     for model in MODELS:
         for task in TASKS:
             curves, config = load(model, task)
@@ -97,6 +125,7 @@ def main() -> None:
                         f"| {model} | {task} | {level:g} | {point:.2f} | [{ci[0]:.2f}, {hi}] | {verdict(ci)} |"
                     )
             notes += [f"- {model} / {task}: {n[2:]}" for n in reversal_notes(curves)]
+            cases += [f"| {model} | {task} | {row} |" for row in by_case(curves)]
     print("| model | set | method | nodes | nodes for F ≥ 0.8 [95% CI] | grid said | per seed | completeness there |"
           " random nodes, same size | nodes for F ≥ 0.9 [95% CI] | F(M) | F(∅) |")  # fmt: skip
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
@@ -107,6 +136,13 @@ def main() -> None:
     if notes:
         print("\nCompleteness well below 0:\n")
         print("\n".join(notes))
+    print("\nRelP circuit at faithfulness 0.8 ablated (the complement kept), per test-pair case (subject_noun2"
+          " number), over seeds: mean logit difference clean - counterfactual verb\n")  # fmt: skip
+    print(
+        "| model | set | case | test pairs | F(M) | F(∅) | F(C^c) | pairs preferring the counterfactual verb |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
+    print("\n".join(cases))
 
 
 if __name__ == "__main__":
