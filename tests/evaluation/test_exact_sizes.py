@@ -192,7 +192,8 @@ def test_intervals_come_from_the_stored_examples(model):
 
 def test_mixed_lengths_summed_nodes_align_from_the_end(model):
     """Prompts of two lengths: each example's metric equals the prompt run alone, and the mean-ablation value of
-    a position is the counterfactual mean over the prompts at the same distance from the last token."""
+    a position is the counterfactual mean over the prompts at the same distance from the last token (the first
+    token over the first tokens)."""
     pairs = [*PAIRS[:4], Pair("the dog near the table", "the dogs near the table", " is", " are"),
              Pair("dogs near the table", "dog near the table", " are", " is"),
              Pair("keys near a table", "key near a table", " are", " is")]  # fmt: skip
@@ -204,19 +205,22 @@ def test_mixed_lengths_summed_nodes_align_from_the_end(model):
             hand_metric(model, p, hand_run(model, p.clean_prefix)), abs=1e-5
         )
     acts = [hand_acts(model, p.patch_prefix) for p in pairs]
+    # the first token with first tokens (BOS or attention sink); every other token by its distance from the end
+    first = torch.stack([a[:, 0] for a in acts]).mean(0)  # [L, d]
     t_max = max(a.shape[1] for a in acts)
     sums = torch.zeros(model.n_layers, t_max, model.d_ff)
     counts = torch.zeros(t_max)
-    for a in acts:  # right-aligned: index 0 is the last token
-        sums[:, : a.shape[1]] += a.flip(1)
-        counts[: a.shape[1]] += 1
-    aligned = sums / counts[None, :, None]
+    for a in acts:  # index 0 is the last token
+        rest = a[:, 1:].flip(1)
+        sums[:, : rest.shape[1]] += rest
+        counts[: rest.shape[1]] += 1
+    from_end = sums / counts.clamp_min(1)[None, :, None]
     keep = torch.zeros(model.n_layers, model.d_ff, dtype=torch.bool)
     keep[0, :5] = True
     got = ev.metric_values(keep)
     for i, p in enumerate(pairs):
         t = len(ids(model, p.clean_prefix))
-        values = aligned[:, :t].flip(1)  # back to this prompt's positions
+        values = torch.cat([first[:, None], from_end[:, : t - 1].flip(1)], dim=1)  # this prompt's positions
         replace = {layer: (~keep[layer].expand(t, -1), values[layer]) for layer in range(model.n_layers)}
         want = hand_metric(model, p, hand_run(model, p.clean_prefix, replace))
         assert float(got[i]) == pytest.approx(want, abs=1e-4)

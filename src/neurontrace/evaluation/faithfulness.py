@@ -20,8 +20,8 @@ Every evaluated circuit keeps its metric per test example (``Curve.samples``), s
 
 Ablation values are computed once per test set (:class:`EvalSet`). Test prompts may have several token
 lengths: batches then hold one length each, and the mean-ablation value of a position is the counterfactual
-mean over the test prompts at the same *aligned position* (the BOS token, when the tokenizer adds one, aligns
-with the BOS token; every other position with the same distance from the last token). With one length this is
+mean over the test prompts at the same *aligned position* (the first token with first tokens: a BOS token, or
+the attention sink of a model without one; every other position with the same distance from the last token). With one length this is
 the plain per-position mean. Resample donors are drawn among test examples of the same length.
 """
 
@@ -141,13 +141,12 @@ class EvalSet:
         return fn
 
 
-def _aligned_keys(ids: torch.Tensor, bos_id: int | None) -> torch.Tensor:
-    """Aligned position of each of ``T`` positions of one prompt: 0 for a leading BOS, else 1 + distance from
-    the last token (a bijection with the positions when every prompt has one length)."""
-    t = ids.shape[0]
+def _aligned_keys(t: int) -> torch.Tensor:
+    """Aligned position of each of ``t`` positions of one prompt: 0 for the first token (a BOS token, or the
+    first word, which models without BOS use as their attention sink), else 1 + distance from the last token
+    (a bijection with the positions when every prompt has one length)."""
     keys = 1 + torch.arange(t - 1, -1, -1)
-    if bos_id is not None and int(ids[0]) == bos_id:
-        keys[0] = 0
+    keys[0] = 0
     return keys
 
 
@@ -190,7 +189,6 @@ def prepare_eval(
     contrasts = [single_token_id(model, get(p, "patch_answer")) for p in pairs]
     n = len(pairs)
     lengths = (clean_all.width - clean_all.pad).tolist()
-    bos_id = getattr(model.tokenizer, "bos_token_id", None)
     if slot_maps is not None:
         slot_maps = [tuple(m) for m in slot_maps]
         if len(slot_maps) != n or any(len(m) != t for m, t in zip(slot_maps, lengths, strict=True)):
@@ -231,7 +229,7 @@ def prepare_eval(
 
     def keys_of(batch: Batch, i: int) -> torch.Tensor:
         if slot_maps is None:
-            return _aligned_keys(batch.input_ids[0], bos_id)
+            return _aligned_keys(batch.width)
         return torch.tensor([slot_keys[a] for a in slot_aligned(slot_maps[i])])
 
     n_keys = 1 + max(lengths) if slot_maps is None else len(slot_keys)
