@@ -54,7 +54,9 @@ def run(model, train, test, scores, layers):
     curves = {}
     for ablation in ABLATIONS:
         evalset = prepare_eval(model, test, layers=layers, ablation=ablation, batch_size=BATCH_SIZE)
-        curves[ablation] = sweep(evalset, scores, method="relp", thresholds=thresholds).to_dict()
+        curves[ablation] = sweep(
+            evalset, scores, method="relp", thresholds=thresholds, scan_limit=4
+        ).to_dict()
     return result, unpaired, curves
 
 
