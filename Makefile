@@ -42,7 +42,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/run.py
 
 # The SVA circuit results of docs/results.md: RelP and AtP on neurons, 3 seeds, on SmolLM2-135M and Gemma 3 270M
-# (about 90 minutes on 2 CPU cores). RESULTS_MODELS / RESULTS_TASKS choose a subset.
+# (2026-12-01: about 40 min for SmolLM2 and 50 for Gemma, run side by side on 2 cores). RESULTS_MODELS / RESULTS_TASKS choose a subset.
 RESULTS_MODELS ?= smollm2-135m gemma3-270m
 RESULTS_TASKS  ?= sva-simple sva-nounpp sva-within-rc sva-pp-mixed
 results: $(STAMP)
