@@ -299,7 +299,9 @@ def plot_curves(curves: Sequence[Curve], path: str | Path, *, title: str = "") -
             f"{level:g}", xy=(0, level), xycoords=("axes fraction", "data"), xytext=(2, 2),
             textcoords="offset points", fontsize=8, color="dimgray",
         )  # fmt: skip
-    ax_f.set_title("faithfulness; x = exact size at 0.8 / 0.9 (mean over seeds); bands: 95% bootstrap", fontsize=9)
+    ax_f.set_title(
+        "faithfulness; x = exact size at 0.8 / 0.9 (mean over seeds); bands: 95% bootstrap", fontsize=9
+    )
     ax_c.set_title("completeness (below 0: ablating the circuit reverses the behaviour)", fontsize=9)
     if title:
         fig.suptitle(f"{title}   (colour: method; line style: basis)")
