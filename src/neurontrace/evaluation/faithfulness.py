@@ -359,14 +359,26 @@ class Curve:
         return next((lv for lv in self.levels if abs(lv.level - level) < 1e-12), None)
 
     # ------------------------------------------------------- bootstrap
+    def replicate_base(self, replicates: int = intervals.REPLICATES) -> tuple[torch.Tensor, ...]:
+        """(weights ``[R, n]``, F(M) replicates ``[R]``, F(∅) replicates ``[R]``), drawn once per curve and size
+        (kept outside the dataclass fields, so never serialised)."""
+        cache = self.__dict__.setdefault("_replicate_cache", {})
+        if replicates not in cache:
+            n = len(self.samples["model"])
+            w = intervals.bootstrap_weights(n, replicates=replicates, seed=10_007 + self.seed)
+            model = intervals.replicate_means(w, torch.tensor(self.samples["model"]))
+            empty = intervals.replicate_means(w, torch.tensor(self.samples["empty"]))
+            cache[replicates] = (w, model, empty)
+        return cache[replicates]
+
+    def bootstrap_weights(self, replicates: int = intervals.REPLICATES) -> torch.Tensor:
+        """``[replicates, n]`` bootstrap counts of the test examples (the same for every curve of a seed)."""
+        return self.replicate_base(replicates)[0]
+
     def replicates(self, values: list[float], *, replicates: int = intervals.REPLICATES) -> torch.Tensor:
         """Bootstrap replicates of the normalised score (faithfulness-like) of per-example ``values``: ``[R]``."""
-        w = self.bootstrap_weights(replicates)
-        return intervals.normalised(
-            intervals.replicate_means(w, torch.tensor(values)),
-            intervals.replicate_means(w, torch.tensor(self.samples["empty"])),
-            intervals.replicate_means(w, torch.tensor(self.samples["model"])),
-        )
+        w, model, empty = self.replicate_base(replicates)
+        return intervals.normalised(intervals.replicate_means(w, torch.tensor(values)), empty, model)
 
     def size_replicates(self, level: float, *, replicates: int = intervals.REPLICATES) -> torch.Tensor:
         """Bootstrap replicates of the smallest evaluated circuit size reaching ``level``: ``[R]`` (``inf``
@@ -374,24 +386,15 @@ class Curve:
         circuit = self.samples["circuit"]
         sizes = sorted(int(k) for k in circuit)
         values = torch.tensor([circuit[str(k)] for k in sizes]).T  # [n, S]
-        w = self.bootstrap_weights(replicates)
-        faith = intervals.normalised(
-            intervals.replicate_means(w, values),
-            intervals.replicate_means(w, torch.tensor(self.samples["empty"])),
-            intervals.replicate_means(w, torch.tensor(self.samples["model"])),
-        )
+        w, model, empty = self.replicate_base(replicates)
+        faith = intervals.normalised(intervals.replicate_means(w, values), empty, model)
         return intervals.first_reaching(torch.tensor(sizes), faith, level)
-
-    def bootstrap_weights(self, replicates: int) -> torch.Tensor:
-        n = len(self.samples["model"])
-        return intervals.bootstrap_weights(n, replicates=replicates, seed=10_007 + self.seed)
 
     def add_intervals(self) -> None:
         """Fill every ``*_ci`` field from ``samples``."""
         ci = intervals.percentile_interval
-        w = self.bootstrap_weights(intervals.REPLICATES)
-        self.f_model_ci = ci(intervals.replicate_means(w, torch.tensor(self.samples["model"])))
-        self.f_empty_ci = ci(intervals.replicate_means(w, torch.tensor(self.samples["empty"])))
+        _, model, empty = self.replicate_base()
+        self.f_model_ci, self.f_empty_ci = ci(model), ci(empty)
         for p in self.points:
             key = str(p.n_nodes)
             p.faithfulness_ci = ci(self.replicates(self.samples["circuit"][key]))

@@ -79,15 +79,8 @@ def summarise(curves: Sequence[Curve]) -> list[CurveSummary]:
         groups.setdefault((c.method, c.basis), []).append(c)
     out = []
     for (method, basis), group in groups.items():
-        w = [c.bootstrap_weights(intervals.REPLICATES) for c in group]
-        f_model = [
-            intervals.replicate_means(wi, torch.tensor(c.samples["model"]))
-            for wi, c in zip(w, group, strict=True)
-        ]
-        f_empty = [
-            intervals.replicate_means(wi, torch.tensor(c.samples["empty"]))
-            for wi, c in zip(w, group, strict=True)
-        ]
+        f_model = [c.replicate_base()[1] for c in group]
+        f_empty = [c.replicate_base()[2] for c in group]
         levels = []
         for level in sorted({lv.level for c in group for lv in c.levels}):
             per = [c.level(level) for c in group]
