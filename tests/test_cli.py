@@ -180,8 +180,10 @@ def test_graph_writes_json_full_graph_and_viewer(folder, capsys, tmp_path):
     assert "neuron nodes" in out and "viewer (offline)" in out
     data = json.loads((tmp_path / "keys.json").read_text())
     validate_circuit_tracer(data)
-    assert {n["token"] for n in data["nodes"] if n["is_target_logit"]} == {"are", "is"}
-    assert all("top_tokens" in n for n in data["nodes"] if n["feature_type"] == "mlp neuron")
+    assert {n["token"] for n in data["nodes"] if n["feature_type"] == "logit"} == {"are", "is"}
+    assert all(
+        "top_logit_effects" in n for n in data["nodes"] if n["feature_type"] == "cross layer transcoder"
+    )
     ids = {n["node_id"] for n in data["nodes"]}
     assert all(set(group[1:]) <= ids for group in data["qParams"]["supernodes"])
     assert graph_from_html((tmp_path / "keys.html").read_text()) == data
@@ -199,7 +201,7 @@ def test_graph_contexts_reach_the_viewer_data(folder, capsys, tmp_path):
     assert main([*argv, "--out", str(tmp_path), "--node-threshold", "0.01", "--contexts", str(corpus)]) == 0
     capsys.readouterr()
     data = json.loads((tmp_path / "graph.json").read_text())
-    neurons = [n for n in data["nodes"] if n["feature_type"] == "mlp neuron"]
+    neurons = [n for n in data["nodes"] if n["feature_type"] == "cross layer transcoder"]
     assert neurons and all(n["top_contexts"] for n in neurons)
     node = neurons[0]
     layer, index = int(node["layer"]), int(node["node_id"].split("_")[1])

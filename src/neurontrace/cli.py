@@ -29,6 +29,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "hypotheses": ("hypotheses", "run_hypotheses"),
     "estimate": ("estimate", "run_estimate"),
     "models": ("models", "run_models"),
+    "view": ("view", "run_view"),
 }
 
 
@@ -192,6 +193,7 @@ def _build_parser() -> argparse.ArgumentParser:
     from neurontrace.commands.graph import add_graph_parser
     from neurontrace.commands.hypotheses import add_hypotheses_parser
     from neurontrace.commands.steer import add_steer_parser
+    from neurontrace.commands.view import add_view_parser
 
     add_evaluate_parser(sub, _add_model_args)
     add_graph_parser(sub, _add_model_args)
@@ -202,6 +204,7 @@ def _build_parser() -> argparse.ArgumentParser:
     add_estimate_parser(sub, _add_model_args)
 
     sub.add_parser("models", help="list supported architecture families and model aliases")
+    add_view_parser(sub)
     return parser
 
 

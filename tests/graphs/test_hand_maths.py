@@ -21,6 +21,7 @@ from conftest import make_tiny
 from neurontrace.attribution.api import attribute
 from neurontrace.attribution.replacement import NO_RULES
 from neurontrace.graphs.build import EMBEDDING, LOGIT, NEURON, AttributionGraph, GraphNode, build_graph
+from neurontrace.graphs.export import to_circuit_tracer
 from neurontrace.graphs.prune import prune_graph
 
 PROMPT = "the keys to the cabinet"
@@ -231,9 +232,10 @@ def hand_prune(
             run += v
         return kept
 
-    neurons = [i for i, n in enumerate(nodes) if n.kind == NEURON]
+    # as circuit-tracer: every node but the logits is ranked (embeddings too); the neurons of the prefix stay
+    ranked = [(float(influence[i]), i) for i, n in enumerate(nodes) if n.kind != LOGIT]
     keep = {i for i in range(N) if nodes[i].kind != NEURON}
-    keep |= cumulative([(float(influence[i]), i) for i in neurons], node_fraction)
+    keep |= {i for i in cumulative(ranked, node_fraction) if nodes[i].kind == NEURON}
     factor = paths + w if logit_weight else paths  # a logit edge: its logit's weight times its share
     edge_scores = [
         (float(factor[t] * An[t, s]), (t, s)) for t in keep for s in keep if A[t, s] != 0 and An[t, s] > 0
@@ -253,6 +255,17 @@ def hand_prune(
     kept_nodes = {nodes[i].key for i in keep}
     kept_edges = {(nodes[t].key, nodes[s].key) for t, s in edges}
     return kept_nodes, kept_edges, {n.key: float(influence[i]) for i, n in enumerate(nodes)}
+
+
+def hand_cumulative(graph: AttributionGraph) -> dict:
+    """Each non-logit node's cumulative influence: its share of the total with every node ranked above it."""
+    _, _, influence = hand_prune(graph, 1.0, 1.0)
+    ranked = sorted(((v, k) for k, v in influence.items() if k[0] != LOGIT), key=lambda x: -x[0])
+    total, run, out = sum(v for v, _ in ranked), 0.0, {}
+    for v, k in ranked:
+        run += v
+        out[k] = run / total
+    return out
 
 
 def _pruned_sets(pruned: AttributionGraph):
@@ -297,8 +310,12 @@ def test_pruning_keeps_exactly_the_hand_selection_on_a_hand_graph(node_fraction,
     assert (nodes, edges) != (nodes_wo, edges_wo)  # the logit weight in the edge scores matters here
     pruned = prune_graph(graph, node_fraction=node_fraction, edge_fraction=edge_fraction)
     assert _pruned_sets(pruned) == (nodes, edges)
+    cumulative = hand_cumulative(graph)  # over the unpruned graph, as the exported ``influence`` field
     for n in pruned.nodes:
         assert n.influence == pytest.approx(influence[n.key], rel=1e-9, abs=1e-12)
+        assert n.cumulative == (None if n.kind == LOGIT else pytest.approx(cumulative[n.key], rel=1e-9))
+    reached = max(cumulative[n.key] for n in pruned.nodes if n.kind == NEURON)
+    assert reached == pytest.approx(to_circuit_tracer(pruned)["metadata"]["node_threshold"], rel=1e-12)
     kept = {n.key: i for i, n in enumerate(pruned.nodes)}
     for t, s in edges:  # kept edges keep their raw weights
         old = {n.key: i for i, n in enumerate(graph.nodes)}

@@ -63,8 +63,8 @@ def test_path_shares_by_hand():
 
 
 def test_two_streams_make_two_labelled_supernodes():
-    g = _two_streams()
-    supernodes = find_supernodes(g)
+    g = _two_streams()  # the streams cross positions: grouped only when positions may mix
+    supernodes = find_supernodes(g, same_position=False, layer_weight=0.0)
     assert len(supernodes) == 2
     a, b = supernodes  # strongest first: A has summed |attribution| 1.1, B 0.5
     assert a.nodes == [3, 5] and b.nodes == [4, 6]
@@ -74,12 +74,42 @@ def test_two_streams_make_two_labelled_supernodes():
     assert a.input_position == 1 and a.output_token == " are" and a.layers == (0, 1)
     assert 0.5 < a.input_share <= 1 and 0.5 < b.output_share <= 1
     assert a.to_list() == [a.label, "0_5_1", "1_7_2"]
-    assert len(find_supernodes(g, n_clusters=1)) == 1  # one cluster of all four
-    assert find_supernodes(g, distance_threshold=0.0) == []  # nothing identical: singletons, below min_size
-    assert len(find_supernodes(g, distance_threshold=0.0, min_size=1)) == 4
+    assert (
+        len(find_supernodes(g, n_clusters=1, same_position=False, layer_weight=0.0)) == 1
+    )  # one cluster of all four
+    assert (
+        find_supernodes(g, distance_threshold=0.0, same_position=False, layer_weight=0.0) == []
+    )  # nothing identical: singletons, below min_size
+    assert (
+        len(find_supernodes(g, distance_threshold=0.0, min_size=1, same_position=False, layer_weight=0.0))
+        == 4
+    )
     g.adjacency[8] *= -1  # B now pushes ' is' down
-    assert find_supernodes(g)[1].label == "from ' cabinet'@2 ⊣ ' is' (L0–L1)"
-    assert find_supernodes(g)[1].output_share < -0.5
+    assert (
+        find_supernodes(g, same_position=False, layer_weight=0.0)[1].label
+        == "from ' cabinet'@2 ⊣ ' is' (L0–L1)"
+    )
+    assert find_supernodes(g, same_position=False, layer_weight=0.0)[1].output_share < -0.5
+
+
+def test_default_supernodes_stay_at_one_position_and_split_far_layers():
+    g = _two_streams()
+    for s in find_supernodes(g, min_size=1):
+        assert len({g.nodes[i].position for i in s.nodes}) == 1
+    # two neurons with identical profiles at one position: together when adjacent, apart when 29 layers apart
+    nodes = [
+        GraphNode(EMBEDDING, -1, 0, 10, 0.0, token="a"),
+        GraphNode(NEURON, 0, 0, 1, 1.0, 0.5, token="a"),
+        GraphNode(NEURON, 1, 0, 2, 1.0, 0.5, token="a"),
+        GraphNode(LOGIT, 30, 0, 20, 3.0, attribution=1.0, token="b", prob=0.6),
+    ]
+    A = torch.zeros(4, 4)
+    A[1, 0] = A[2, 0] = A[3, 1] = A[3, 2] = 1.0
+    near = AttributionGraph("a", ["a"], [10], nodes, A, {"n_layers": 30})
+    assert [s.nodes for s in find_supernodes(near)] == [[1, 2]]
+    nodes[2] = GraphNode(NEURON, 29, 0, 2, 1.0, 0.5, token="a")
+    far = AttributionGraph("a", ["a"], [10], nodes, A, {"n_layers": 30})
+    assert find_supernodes(far) == [] and len(find_supernodes(far, layer_weight=0.0)) == 1
 
 
 def test_average_linkage_by_hand():

@@ -154,9 +154,7 @@ def write_graph_bundle(
 
     graph = build_graph(model, prompt, answers=list(answers), max_nodes=max_nodes)
     pruned = prune_graph(graph, node_fraction=node_fraction, edge_fraction=edge_fraction)
-    data = to_circuit_tracer(
-        pruned, slug=slug, node_threshold=node_fraction, describe=graph_node_describer(model)
-    )
+    data = to_circuit_tracer(pruned, slug=slug, describe=graph_node_describer(model))
     data = with_supernodes(data, find_supernodes(pruned))
     write_text_atomic(out / f"{slug}.json", json.dumps(data))
     write_viewer(data, out / f"{slug}.html")

@@ -1,13 +1,16 @@
 """``neurontrace graph``: build, prune and export the attribution graph of one prompt, with the HTML viewer.
 
 With ``--prompts FILE`` it does so for every line of the file (``SLUG-000.*``, ``SLUG-001.*``, ... and an
-``index.json``); launched by ``torchrun``, each process builds and writes its share of the graphs.
+``index.json``); launched by ``torchrun``, each process builds and writes its share of the graphs. Every run
+also updates ``graph-metadata.json`` (circuit-tracer's graph index, one entry per graph) and writes the neurons'
+feature files under ``features/`` so that circuit-tracer's own frontend can serve the folder as it is.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import time
 from pathlib import Path
 
@@ -15,6 +18,8 @@ from neurontrace import distributed
 from neurontrace.commands._common import model_from_args
 from neurontrace.errors import NeurontraceError
 from neurontrace.io import write_text_atomic
+
+_PLAIN_NAME = re.compile(r"[A-Za-z0-9._-]+")
 
 
 def read_prompts(path: str) -> list[str]:
@@ -29,17 +34,28 @@ def read_prompts(path: str) -> list[str]:
 
 
 def run_graph(args: argparse.Namespace) -> None:
+    from neurontrace.graphs.export import index_entry, update_graph_index
     from neurontrace.graphs.many import build_graphs
 
     if not 0 < args.node_fraction <= 1 or not 0 < args.edge_fraction <= 1:
         raise NeurontraceError("--node-fraction and --edge-fraction must be in (0, 1]")
     if (args.prompt is None) == (args.prompts is None):
         raise NeurontraceError("give either --prompt (one graph) or --prompts FILE (one graph a line)")
+    slug = args.slug or "graph"
+    if not _PLAIN_NAME.fullmatch(slug) or slug in (".", ".."):
+        raise NeurontraceError(
+            f"--slug {slug!r} is not a plain file name; use letters, digits, '.', '_' and '-' (files go in --out)"
+        )
     prompts = [args.prompt] if args.prompt is not None else read_prompts(args.prompts)
     model = model_from_args(args)
     answers = [a for a in (args.answer or [])]
-    out, slug = Path(args.out), args.slug or "graph"
+    out = Path(args.out)
     slugs = [slug] if args.prompt is not None else [f"{slug}-{i:03d}" for i in range(len(prompts))]
+    siblings = None
+    if args.prompts is not None:
+        siblings = [
+            {"slug": s, "prompt": p, "html": f"{s}.html"} for p, s in zip(prompts, slugs, strict=True)
+        ]
     start = time.perf_counter()
     for index, graph in build_graphs(
         model,
@@ -50,11 +66,17 @@ def run_graph(args: argparse.Namespace) -> None:
         max_nodes=args.max_nodes,
         progress=args.prompt is not None and distributed.is_main(),
     ):
-        _write_graph(model, graph, args, out, slugs[index], time.perf_counter() - start)
+        _write_graph(model, graph, args, out, slugs[index], time.perf_counter() - start, siblings)
         start = time.perf_counter()
-    if args.prompts is not None:
+    if args.prompts is None:
+        update_graph_index(out, [index_entry(json.loads((out / f"{slug}.json").read_text(encoding="utf-8")))])
+    else:
         distributed.barrier()  # every graph is written before the index names it
         if distributed.is_main():
+            entries = [
+                index_entry(json.loads((out / f"{s}.json").read_text(encoding="utf-8"))) for s in slugs
+            ]
+            update_graph_index(out, entries)
             index = [
                 {
                     "prompt": p,
@@ -69,11 +91,13 @@ def run_graph(args: argparse.Namespace) -> None:
             print(f"{len(prompts)} graphs; index: {path}")
 
 
-def _write_graph(model, graph, args: argparse.Namespace, out: Path, slug: str, built: float) -> None:
+def _write_graph(
+    model, graph, args: argparse.Namespace, out: Path, slug: str, built: float, siblings
+) -> None:
     """Prune, describe and export one graph (circuit-tracer JSON, full graph, HTML viewer) and print a summary."""
     from neurontrace.describe import graph_node_describer
     from neurontrace.graphs.build import NEURON
-    from neurontrace.graphs.export import save_graph, to_circuit_tracer
+    from neurontrace.graphs.export import save_graph, to_circuit_tracer, write_feature_files
     from neurontrace.graphs.prune import prune_graph
     from neurontrace.viewer import write_viewer
 
@@ -88,7 +112,7 @@ def _write_graph(model, graph, args: argparse.Namespace, out: Path, slug: str, b
         max_tokens=args.contexts_tokens, progress=args.contexts is not None,
     )  # fmt: skip
 
-    data = to_circuit_tracer(pruned, slug=slug, node_threshold=args.node_fraction, describe=describe)
+    data = to_circuit_tracer(pruned, slug=slug, describe=describe, scan=args.scan)
     groups = []
     if args.supernodes:
         from neurontrace.graphs.supernodes import find_supernodes, with_supernodes
@@ -97,13 +121,17 @@ def _write_graph(model, graph, args: argparse.Namespace, out: Path, slug: str, b
         data = with_supernodes(data, groups)
     json_path = write_text_atomic(out / f"{slug}.json", json.dumps(data))
     full_path = save_graph(graph, out / f"{slug}.neurontrace.json")
-    html_path = write_viewer(data, out / f"{slug}.html")
+    html_path = write_viewer(data, out / f"{slug}.html", siblings=siblings)
+    write_feature_files(data, out)
     n_neurons = sum(n.kind == NEURON for n in graph.nodes)
     p_neurons = sum(n.kind == NEURON for n in pruned.nodes)
     print(f"Graph of {graph.prompt!r} on {model.name}: targets " + ", ".join(
         f"{n.token!r} (p={n.prob:.3f})" for n in graph.nodes if n.kind == "logit"))  # fmt: skip
     print(f"  {n_neurons} neuron nodes, {graph.n_edges} edges built in {built:.1f} s; "
           f"pruned to {p_neurons} neurons and {pruned.n_edges} edges")  # fmt: skip
+    if groups:
+        sizes = ", ".join(str(len(g.nodes)) for g in groups)
+        print(f"  {len(groups)} supernodes of {sizes} neurons")
     print(
         f"  circuit-tracer JSON: {json_path}\n  full graph:          {full_path}\n  viewer (offline):    {html_path}"
     )
@@ -159,4 +187,11 @@ def add_graph_parser(sub, add_model_args) -> None:
         "--supernode-threshold", type=float, default=0.5, help="cosine distance for joining groups"
     )
     p.add_argument("--slug", default=None, help="file name stem and graph slug (default: graph)")
+    p.add_argument(
+        "--scan",
+        default=None,
+        help="metadata.scan of the graph JSON: default ./graph_data/features/MODEL, the feature files written "
+        "next to the graph (circuit-tracer's frontend serving --out loads them offline); give a Neuronpedia model "
+        "id when uploading there",
+    )
     p.add_argument("--out", default="results/graph", help="output folder")

@@ -147,7 +147,10 @@ def graph_node_describer(
     def describe_node(node) -> dict:
         neuron = NeuronId(node.layer, node.index, NeuronId.polarity(node.activation))
         d = describe_writes(model, neuron, k=k)
-        out = {"top_tokens": [t.token for t in d.promoted], "bottom_tokens": [t.token for t in d.suppressed]}
+        out = {  # circuit-tracer's names: its node panel lists them as top / bottom outputs
+            "top_logit_effects": [t.token for t in d.promoted],
+            "bottom_logit_effects": [t.token for t in d.suppressed],
+        }
         if neuron in contexts:
             out["top_contexts"] = [
                 {"activation": c.activation, "before": c.before, "token": c.token, "after": c.after}

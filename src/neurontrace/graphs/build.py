@@ -52,7 +52,8 @@ class GraphNode:
     attribution: float = 0.0  # RelP node score a * dm/da (zero baseline); probability weight for logits
     token: str = ""  # the prompt token at this position (for logits: the output token)
     prob: float = 0.0  # logits: the token's probability
-    influence: float | None = None  # set by pruning
+    influence: float | None = None  # set by pruning: influence on the weighted logits through all paths
+    cumulative: float | None = None  # set by pruning: cumulative influence over the unpruned graph (prune.py)
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property

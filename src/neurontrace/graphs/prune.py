@@ -3,9 +3,14 @@
 Rows of ``|A|`` are normalised to sum to 1, so ``A_n[t, s]`` is the share of target ``t``'s input that comes from
 ``s``. A node's influence is the logit-weighted sum over all paths to the logits:
 ``influence = w @ (A_n + A_n^2 + ...) = w @ A_n @ (I - A_n)^-1`` (the series is finite: the graph is acyclic).
-We keep the most influential neurons until they hold ``node_fraction`` of the total influence, then the edges
-(scored by the influence of their target times their share) until ``edge_fraction``, then drop neurons left
-without a path: no incoming edge, or no outgoing edge.
+
+As circuit-tracer does, every node but the logits (neurons and embeddings) is ranked by influence, and a node's
+*cumulative influence* is the share of the total held by it and every node ranked above it (lower: more
+important). The neurons of the smallest prefix of that ranking that reaches ``node_fraction`` are kept
+(embeddings and logits always stay), then the edges (scored by the influence of their target times their share)
+until ``edge_fraction``, then neurons left without a path are dropped: no incoming edge, or no outgoing edge.
+Each kept node carries its cumulative influence over the *unpruned* graph, so a kept neuron's is at most the
+fraction reached (what the exported ``influence`` field and ``metadata.node_threshold`` mean).
 """
 
 from __future__ import annotations
@@ -42,13 +47,23 @@ def node_influence(graph: AttributionGraph) -> torch.Tensor:
     return torch.where(w > 0, w, path_influence(graph))
 
 
+def cumulative_influence(values: torch.Tensor) -> torch.Tensor:
+    """Each entry's share of the total held by it and every larger entry (ties: lower index first), ``[N]``."""
+    total = float(values.sum())
+    order = torch.sort(values, descending=True, stable=True).indices
+    out = torch.zeros_like(values, dtype=torch.float64)
+    if total > 0:
+        out[order] = values[order].double().cumsum(0) / total
+    return out
+
+
 def _cumulative_keep(values: torch.Tensor, fraction: float) -> torch.Tensor:
     """Boolean mask of the largest ``values`` whose sum first reaches ``fraction`` of the total."""
     keep = torch.zeros_like(values, dtype=torch.bool)
     total = float(values.sum())
     if total <= 0:
         return keep
-    order = values.argsort(descending=True)
+    order = torch.sort(values, descending=True, stable=True).indices
     cumulative = values[order].cumsum(0) / total
     n = int((cumulative < fraction - 1e-12).sum()) + 1
     keep[order[: min(n, len(order))]] = True
@@ -64,10 +79,11 @@ def prune_graph(
     influence = torch.where(logit_weight > 0, logit_weight, paths)  # node_influence
     kinds = [n.kind for n in graph.nodes]
     is_neuron = torch.tensor([k == NEURON for k in kinds])
+    is_logit = torch.tensor([k == LOGIT for k in kinds])
+    ranked = torch.where(is_logit, torch.zeros_like(paths), paths)  # every node but the logits
+    cumulative = cumulative_influence(ranked)
     keep = ~is_neuron  # embeddings and logits always stay
-    keep |= is_neuron & _cumulative_keep(
-        torch.where(is_neuron, influence, torch.zeros_like(influence)), node_fraction
-    )
+    keep |= is_neuron & _cumulative_keep(ranked, node_fraction)
     a_n = normalised_abs(graph.adjacency)
     # an edge's score: its target's influence (paths, plus the weight when the target is a logit) x its share
     edge_score = (paths + logit_weight)[:, None] * a_n
@@ -88,7 +104,8 @@ def prune_graph(
     nodes = []
     for i in idx.tolist():
         node = graph.nodes[i]
-        nodes.append(type(node)(**{**node.__dict__, "influence": float(influence[i])}))
+        cum = None if kinds[i] == LOGIT else float(cumulative[i])
+        nodes.append(type(node)(**{**node.__dict__, "influence": float(influence[i]), "cumulative": cum}))
     meta = {
         **graph.meta,
         "pruned": {

@@ -13,8 +13,11 @@ rows normalised to 1, so ``A_n[t, s]`` is the share of node ``t``'s direct input
 
 Each profile is rescaled to absolute sum 1 (what ``Supernode.input_share``/``output_share`` report), then to
 unit length, and the two are concatenated: the cosine similarity of two neurons is the mean of their input and
-output cosine similarities. Clustering is average-linkage agglomerative on the cosine distance (1 -
-similarity), deterministic, cut at ``distance_threshold`` or at ``n_clusters``. A cluster is labelled by its
+output cosine similarities. Clustering is average-linkage agglomerative on a distance that is the cosine
+distance (1 - similarity) plus ``layer_weight`` times the layer gap as a fraction of the model's depth, and
+infinite between neurons at different token positions (a supernode is one role at one position, as in the
+attribution-graph papers; profiles alone put most of a graph in one or two groups, through the first token's
+attention-sink input), deterministic, cut at ``distance_threshold`` or at ``n_clusters``. A cluster is labelled by its
 dominant input (largest mean input share), its dominant output (largest mean |output share|; ``→`` pushes,
 ``⊣`` suppresses) and its layer range: ``from ' keys'@1 → ' are' (L2–L7)``.
 """
@@ -138,12 +141,15 @@ def find_supernodes(
     n_clusters: int | None = None,
     distance_threshold: float = 0.5,
     min_size: int = 2,
+    layer_weight: float = 0.5,
+    same_position: bool = True,
 ) -> list[Supernode]:
     """Cluster ``graph``'s neurons by their input and output profiles into labelled supernodes.
 
     ``n_clusters`` (when given) fixes the number of clusters, else clusters merge while their average cosine
     distance is at most ``distance_threshold`` (0: identical profiles, 1: unrelated). Clusters with fewer than
-    ``min_size`` neurons are not reported, so a neuron is in at most one supernode. Supernodes come strongest
+    ``min_size`` neurons are not reported, so a neuron is in at most one supernode. ``same_position`` keeps
+    each supernode at one token position; ``layer_weight`` makes neurons layers apart less alike. Supernodes come strongest
     first (summed |attribution| of their members).
     """
     if n_clusters is not None and n_clusters < 1:
@@ -163,6 +169,14 @@ def find_supernodes(
         return []
     p = profile[connected]
     distance = (1.0 - p @ p.T).clamp_min(0.0)
+    members = [graph.nodes[neurons[c]] for c in connected]
+    layers = torch.tensor([float(n.layer) for n in members], dtype=distance.dtype)
+    depth = max(1, graph.n_layers - 1)
+    distance = distance + layer_weight * (layers[:, None] - layers[None, :]).abs() / depth
+    if same_position:
+        positions = torch.tensor([n.position for n in members])
+        apart = positions[:, None] != positions[None, :]
+        distance = torch.where(apart, torch.full_like(distance, 1e9), distance)
     clusters = average_linkage(distance, n_clusters=n_clusters, threshold=distance_threshold)
 
     n_layers = graph.n_layers

@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
-from neurontrace.viewer.html import embed_json, graph_from_html, render_viewer, write_viewer
+from neurontrace.viewer.html import (
+    embed_json,
+    graph_from_html,
+    render_viewer,
+    siblings_from_html,
+    write_viewer,
+)
 
-__all__ = ["embed_json", "graph_from_html", "render_viewer", "write_viewer"]
+__all__ = ["embed_json", "graph_from_html", "render_viewer", "siblings_from_html", "write_viewer"]

@@ -5,6 +5,10 @@ with no network; a Content-Security-Policy allows only that script and style (by
 The graph is embedded as JSON in a ``<script type="application/json">`` block with ``<``, ``>``, ``&`` and
 U+2028/U+2029 written as ``\\u`` escapes: no string in the graph (a prompt such as ``</script><script>...``)
 can end the block, and the page builds its DOM from the data with ``textContent`` only.
+
+A multi-prompt run can give each page its ``siblings`` (``{slug, prompt, html}``, ``html`` a relative file name):
+they go, escaped the same way, in a second block (``id="graph-index"``) and the page offers them in a selector
+that opens the sibling's file next to it.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ import html
 import json
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from functools import cache
 from importlib import resources
 from pathlib import Path
@@ -27,6 +31,8 @@ from neurontrace.io import write_text_atomic
 _UNSAFE = re.compile("[<>&\u2028\u2029\ud800-\udfff]")
 _SLOT = re.compile(r"@@NT_([A-Z]+)@@")
 _DATA = re.compile(r'<script type="application/json" id="graph-data">(.*?)</script>', re.S)
+_INDEX = re.compile(r'<script type="application/json" id="graph-index">(.*?)</script>', re.S)
+_NOT_RELATIVE = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:|^[/\\]|\\|[\x00-\x1f\x7f]")
 _CLOSERS = re.compile(r"</(script|style)|<!--", re.I)
 
 
@@ -43,7 +49,7 @@ def _plain(value: Any) -> Any:
     raise TypeError(f"{type(value).__name__} is not JSON serialisable")
 
 
-def embed_json(graph: Mapping[str, Any]) -> str:
+def embed_json(graph: Any) -> str:
     """``graph`` as JSON that is safe inside an HTML ``<script>`` block and parses back to the same value.
 
     The characters escaped can only occur inside JSON strings, where ``\\u003c`` and ``<`` mean the same.
@@ -74,9 +80,41 @@ def _check(graph: Any) -> None:
             )
 
 
-def render_viewer(graph: Mapping[str, Any]) -> str:
-    """The viewer page for ``graph`` (circuit-tracer/Neuronpedia attribution-graph dict) as an HTML string."""
+def _check_siblings(siblings: Any) -> list[dict[str, Any]]:
+    """``siblings`` as a list of plain dicts, each with string ``slug``, ``prompt`` and a relative ``html``."""
+    if isinstance(siblings, (str, bytes)) or not isinstance(siblings, Sequence):
+        raise NeurontraceError(
+            f"siblings must be a list of {{slug, prompt, html}} dicts, not {type(siblings).__name__}"
+        )
+    out = []
+    for i, entry in enumerate(siblings):
+        if not isinstance(entry, Mapping):
+            raise NeurontraceError(
+                f"siblings[{i}] must be a dict {{slug, prompt, html}}, not {type(entry).__name__}"
+            )
+        name = entry.get("html")
+        if not isinstance(name, str) or not name.strip() or _NOT_RELATIVE.search(name):
+            raise NeurontraceError(
+                f"siblings[{i}]['html'] must be a relative file name such as 'graph-001.html', not {name!r}"
+            )
+        for key in ("slug", "prompt"):
+            if not isinstance(entry.get(key, ""), str):
+                raise NeurontraceError(f"siblings[{i}][{key!r}] must be a string")
+        out.append(dict(entry))
+    return out
+
+
+def render_viewer(graph: Mapping[str, Any], *, siblings: Sequence[Mapping[str, Any]] | None = None) -> str:
+    """The viewer page for ``graph`` (circuit-tracer/Neuronpedia attribution-graph dict) as an HTML string.
+
+    ``siblings``: the other graphs of a multi-prompt run, each ``{"slug", "prompt", "html"}`` with ``html`` the
+    page's file name relative to this one (``graph-001.html``); the toolbar then offers a selector to open them.
+    """
     _check(graph)
+    index = ""
+    if siblings is not None:
+        block = embed_json(_check_siblings(siblings))
+        index = f'<script type="application/json" id="graph-index">{block}</script>\n'
     css, js = _asset("viewer.css"), _asset("viewer.js")
     for name, code in (("viewer.css", css), ("viewer.js", js)):
         if _CLOSERS.search(code):  # would end its inline block early; a packaging bug, not a user error
@@ -93,14 +131,17 @@ def render_viewer(graph: Mapping[str, Any]) -> str:
         "CSS": css,
         "JS": js,
         "GRAPH": embed_json(graph),
+        "INDEX": index,
     }
     # One pass: text put into a slot is never scanned for further slots.
     return _SLOT.sub(lambda m: slots[m[1]], _asset("viewer.html"))
 
 
-def write_viewer(graph: Mapping[str, Any], path: str | os.PathLike) -> Path:
-    """Write the viewer for ``graph`` to ``path`` (atomically) and return the path."""
-    return write_text_atomic(path, render_viewer(graph))
+def write_viewer(
+    graph: Mapping[str, Any], path: str | os.PathLike, *, siblings: Sequence[Mapping[str, Any]] | None = None
+) -> Path:
+    """Write the viewer for ``graph`` (and its ``siblings``, see :func:`render_viewer`) to ``path`` atomically."""
+    return write_text_atomic(path, render_viewer(graph, siblings=siblings))
 
 
 def graph_from_html(page: str) -> dict[str, Any]:
@@ -109,3 +150,9 @@ def graph_from_html(page: str) -> dict[str, Any]:
     if match is None:
         raise NeurontraceError("no embedded graph found: the page is not a neurontrace viewer")
     return json.loads(match[1])
+
+
+def siblings_from_html(page: str) -> list[dict[str, Any]] | None:
+    """The ``siblings`` a viewer page was rendered with, or None when it has none."""
+    match = _INDEX.search(page)
+    return None if match is None else json.loads(match[1])
