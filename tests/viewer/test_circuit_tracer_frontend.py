@@ -184,4 +184,5 @@ def test_graph_saved_by_circuit_tracer_opens_in_our_viewer(driver, site, data_di
     Model(**{**got, "qParams": {**got["qParams"], "supernodes": got["qParams"]["supernodes"]}})
     drawn = driver.execute_script("return [...document.querySelectorAll('.node')].map(e => e.dataset.nodeId)")
     assert set(pins) <= set(drawn)
+    assert driver.find_element("id", "graph-model").text == "smollm2-135m"  # not the feature folder of `scan`
     assert console_errors(driver) == []

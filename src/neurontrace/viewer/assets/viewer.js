@@ -641,7 +641,9 @@
   function drawHeader() {
     var title = slug || "attribution graph";
     document.getElementById("graph-title").textContent = title;
-    document.getElementById("graph-model").textContent = meta.scan ? String(meta.scan) : "";
+    // the model's name: neurontrace's metadata has it; circuit-tracer's scan names a feature set (or folder)
+    var own = meta.neurontrace && typeof meta.neurontrace === "object" ? meta.neurontrace.model : null;
+    document.getElementById("graph-model").textContent = own ? String(own) : meta.scan ? String(meta.scan) : "";
     var prompt = typeof meta.prompt === "string" ? meta.prompt : promptTokens.join("");
     var promptEl = document.getElementById("prompt");
     promptEl.textContent = prompt;
