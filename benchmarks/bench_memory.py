@@ -16,14 +16,14 @@ import json, time, torch
 from neurontrace.models.loading import load_model
 from neurontrace.memory import estimate, measured_peak
 from neurontrace.tasks import generate_sva
-what, T, nodes = {what!r}, {T}, {nodes}
+what, T, nodes, chunk = {what!r}, {T}, {nodes}, {chunk}
 if what == "load":
     start = time.perf_counter()
     model, peak = measured_peak(lambda: load_model("smollm2-135m", device="cpu"))
     print(json.dumps({{"seconds": time.perf_counter() - start, "peak": peak}}))
     raise SystemExit
 model = load_model("smollm2-135m", device="cpu")
-ids = model.tokenizer.encode(" the keys to the old cabinet near the door" * 64)[:max(T, 8)]
+ids = model.tokenizer.encode(" the keys to the old cabinet near the door" * 600)[:max(T, 8)]
 prompt = model.tokenizer.decode(ids)
 with torch.no_grad():
     model.forward(model.tokenize(prompt))  # warm-up
@@ -35,9 +35,12 @@ if what == "attribution":
     out["estimate"] = estimate(model, prompt_len=T).attribution_peak
 elif what == "graph":
     from neurontrace.graphs.build import build_graph
-    graph, peak = measured_peak(lambda: build_graph(model, prompt, answers=[" are"], max_nodes=nodes))
-    out["estimate"] = estimate(model, prompt_len=T, nodes=nodes, logits=1).graph_peak
+    graph, peak = measured_peak(
+        lambda: build_graph(model, prompt, answers=[" are"], max_nodes=nodes, chunk_size=chunk or None)
+    )
+    out["estimate"] = estimate(model, prompt_len=T, nodes=nodes, logits=1, chunk=chunk or None).graph_peak
     out["edges"] = graph.n_edges
+    out["chunk"] = chunk
 else:
     from neurontrace.attribution.api import attribute
     from neurontrace.evaluation.faithfulness import prepare_eval, sweep
@@ -56,20 +59,24 @@ out["peak"] = peak
 print(json.dumps(out))
 """
 
-CASES = [
-    ("load", 0, 0),
-    ("attribution", 64, 0),
-    ("attribution", 256, 0),
-    ("graph", 16, 200),
-    ("graph", 32, 200),
-    ("sweep", 0, 0),
+CASES = [  # (what, prompt tokens, neuron nodes, targets per batched backward: 0 = sized from free memory)
+    ("load", 0, 0, 0),
+    ("attribution", 64, 0, 0),
+    ("attribution", 256, 0, 0),
+    ("attribution", 1024, 0, 0),
+    ("attribution", 4096, 0, 0),
+    ("graph", 16, 200, 0),
+    ("graph", 32, 200, 0),
+    ("graph", 1024, 31, 8),  # long prompts: a few nodes in chunks of 8 targets (the edges take minutes)
+    ("graph", 4096, 15, 8),
+    ("sweep", 0, 0, 0),
 ]
 
 
 def main() -> dict:
     results = {}
-    for what, T, nodes in CASES:
-        results[f"{what}-{T}-{nodes}"] = run_python(RUN.format(what=what, T=T, nodes=nodes))
+    for what, T, nodes, chunk in CASES:
+        results[f"{what}-{T}-{nodes}"] = run_python(RUN.format(what=what, T=T, nodes=nodes, chunk=chunk))
     save("memory", {"results": results})
     mb = lambda b: f"{b / 2**20:.0f} MiB"  # noqa: E731
     rows = []
@@ -89,8 +96,10 @@ def main() -> dict:
                 "points + random control)", f"{r['seconds']:.1f} s, peak +{mb(r['peak'])}",
             ))  # fmt: skip
             continue
-        label = f"{what}, {T} tokens" + (
-            f", {nodes} neuron nodes ({r['edges']} edges)" if what == "graph" else ""
+        label = (
+            f"{what}, {T} tokens"
+            + (f", {nodes} neuron nodes ({r['edges']} edges)" if what == "graph" else "")
+            + (f", {r['chunk']} targets per backward" if r.get("chunk") else "")
         )
         ratio = r["estimate"] / r["peak"]
         rows.append(

@@ -1,7 +1,8 @@
 """The ``neurontrace`` command line.
 
 Every user mistake (bad model spec, bad neuron id, multi-token answer...) ends in one line on stderr,
-``neurontrace: error: ...``, and exit code 2; no traceback.
+``neurontrace: error: ...``, and exit code 2; an operating-system failure (no space left, no permission) in one
+line and exit code 3; no traceback (``NEURONTRACE_DEBUG=1`` shows it for the latter).
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ from collections.abc import Sequence
 
 from neurontrace import __version__
 
-EXIT_USAGE = 2
+EXIT_USAGE = 2  # a user mistake: bad model, data, prompt or option
+EXIT_ENVIRONMENT = 3  # the machine refused: no space left, no permission, a read-only folder
 # command -> (module in neurontrace.commands, function taking the parsed arguments); imported on use
 COMMANDS: dict[str, tuple[str, str]] = {
     "inspect": ("inspect", "run_inspect"),
@@ -227,6 +229,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     except NeurontraceError as exc:
         print(f"neurontrace: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except OSError as exc:  # the environment, not the input: one line, and what was written stays intact
+        if os.environ.get("NEURONTRACE_DEBUG"):
+            raise
+        where = f" ({exc.filename})" if exc.filename else ""
+        print(
+            f"neurontrace: error: {exc.strerror or exc}{where}; files written before are intact "
+            "(set NEURONTRACE_DEBUG=1 for a traceback)",
+            file=sys.stderr,
+        )
+        return EXIT_ENVIRONMENT
     except KeyboardInterrupt:
         print("neurontrace: interrupted", file=sys.stderr)
         return 130

@@ -29,3 +29,14 @@ class InterventionError(NeurontraceError):
 
 class DatasetError(NeurontraceError):
     """A dataset file or pair list is unusable (missing file, bad line, missing field, no pairs)."""
+
+
+def check_finite(values, what: str) -> None:
+    """Stop with a one-line error when ``values`` (a tensor) hold NaN or infinity, instead of printing them."""
+    import torch
+
+    if not torch.isfinite(values).all():
+        raise NeurontraceError(
+            f"the model's {what} are NaN or infinite: its weights or the inputs are broken (check the model file; "
+            "with --dtype float16/bfloat16, try float32)"
+        )

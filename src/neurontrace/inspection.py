@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from neurontrace.errors import NeurontraceError
+from neurontrace.errors import NeurontraceError, check_finite
 from neurontrace.interventions import Edit, intervene
 from neurontrace.io import JsonResult
 from neurontrace.models.model import NeuronModel
@@ -104,6 +104,7 @@ def inspect_prompt(
     column = batch.column(0, position)  # validates the position
     acts = capture(model, batch, sites="neurons")
     last = acts.logits[0, -1]
+    check_finite(last, "next-token logits")
     active = []
     for layer in range(model.n_layers):
         a = acts.get(layer)[0, column]

@@ -7,9 +7,11 @@ The estimates count the tensors a run keeps alive at its peak, from the model's 
   ``5 d_ff``; attention's normed input, q, k, v and output, ``~2 d_model + 2 d_kv``), the neuron sites' gradients
   and scores (``2 d_ff``), in the model's dtype, plus the logits of the answer positions; after the backward has
   freed those, the float32 results (``6 d_ff`` per layer and token). The peak is the larger phase.
-- **graph edges** (one forward with leaf-swapped neuron sites, then a batched backward over a chunk of ``k``
-  targets): per target, its gradient of every source layer's neurons (``T x source layers x d_ff`` float32) and
-  ``VOCAB_BUFFERS`` vocabulary-sized buffers of the batched backward through the unembedding. Before the nodes
+- **graph edges** (one forward with leaf-swapped neuron sites, which keeps ``FORWARD_EXTRA`` more ``[T, d_ff]``
+  tensors per layer than an attribution, then a batched backward over a chunk of ``k`` targets): per target, its
+  gradient of every source layer's neurons (``T x source layers x d_ff`` float32), ``BACKWARD_TRANSIENT`` more
+  ``[T, d_ff]`` buffers and ``VOCAB_BUFFERS`` vocabulary-sized buffers of the batched backward through the
+  unembedding. One chunk's gradients are freed before the next chunk's backward. Before the nodes
   are chosen, the source layers are taken as ``SOURCE_LAYER_SHARE`` of all layers; the builder itself sizes its
   chunks from the exact count. Node selection (one attribution) comes first and is freed.
 
@@ -31,6 +33,12 @@ from neurontrace.errors import NeurontraceError
 from neurontrace.io import JsonResult
 
 VOCAB_BUFFERS = 6  # vocabulary-sized float32 buffers per target in the batched backward (measured)
+# [T, d_ff] float32 buffers per target that the batched backward holds besides its gradients (measured: 3.5 on
+# SmolLM2-135M at 1k and 2k tokens, 2 to 32 targets)
+BACKWARD_TRANSIENT = 3.5
+# [T, d_ff] buffers per layer that the leaf-swapped edge forward keeps besides an attribution's saved
+# activations: each layer's live and leaf site tensors and the replacement model's factors (measured: 3.3)
+FORWARD_EXTRA = 3.3
 MAX_CHUNK = 512
 
 
@@ -95,7 +103,7 @@ def edge_bytes_per_target(shape: Shape, *, prompt_len: int, source_layers: int |
     """Memory one target of a graph's batched backward needs (bytes): its gradient of every source layer's
     neurons, plus vocabulary-sized buffers. Without ``source_layers``, a measured share of all layers."""
     L = round(shape.n_layers * SOURCE_LAYER_SHARE) if source_layers is None else source_layers
-    return 4 * (prompt_len * L * shape.d_ff + VOCAB_BUFFERS * shape.vocab)
+    return int(4 * (prompt_len * (L + BACKWARD_TRANSIENT) * shape.d_ff + VOCAB_BUFFERS * shape.vocab))
 
 
 def graph_bytes(
@@ -106,7 +114,8 @@ def graph_bytes(
     targets = nodes + logits
     k = min(targets, chunk or MAX_CHUNK)
     selection = attribution_bytes(shape, prompt_len=T)
-    saved = selection["saved activations"] + selection["neuron gradients and scores"] // 2
+    extra = FORWARD_EXTRA * shape.n_layers * T * shape.d_ff * shape.itemsize
+    saved = int(selection["saved activations"] + selection["neuron gradients and scores"] // 2 + extra)
     return {
         "node selection (one attribution)": attribution_peak(selection),
         "edges: saved forward": saved,
@@ -175,14 +184,15 @@ class MemoryEstimate(JsonResult):
 
 
 def estimate(model: Any, *, prompt_len: int, nodes: int = 200, batch_size: int = 1, paired: bool = False,
-             logits: int = 5, device: Any = None) -> MemoryEstimate:  # fmt: skip
+             logits: int = 5, device: Any = None, chunk: int | None = None) -> MemoryEstimate:  # fmt: skip
     """Memory estimate for ``model`` (a loaded NeuronModel, or one built on ``meta``) at ``prompt_len`` tokens;
-    ``available`` is the free memory of ``device`` (default: the model's)."""
+    ``available`` is the free memory of ``device`` (default: the model's); ``chunk``: targets per batched
+    backward of the graph edges (default: all, at most 512)."""
     if prompt_len < 1 or nodes < 0 or batch_size < 1:
         raise NeurontraceError("--prompt-len and --batch-size must be at least 1, --nodes at least 0")
     shape = Shape.of(model)
     attr = attribution_bytes(shape, prompt_len=prompt_len, batch_size=batch_size, paired=paired)
-    graph = graph_bytes(shape, prompt_len=prompt_len, nodes=nodes, logits=logits)
+    graph = graph_bytes(shape, prompt_len=prompt_len, nodes=nodes, logits=logits, chunk=chunk)
     return MemoryEstimate(
         model.name, str(model.dtype).replace("torch.", ""), prompt_len, batch_size, nodes,
         shape.n_params * shape.itemsize, attr, graph, attribution_peak(attr), graph_peak(graph),

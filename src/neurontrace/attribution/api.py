@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -38,6 +39,7 @@ class Example:
     patch: str | None = None
     answer: str | None = None
     contrast: str | None = None
+    where: str | None = None  # where it came from ("file:line"), for error messages
 
 
 def examples_from(
@@ -76,12 +78,55 @@ def examples_from(
     out = []
     for p in pairs:
         get = (lambda k, p=p: p[k]) if isinstance(p, dict) else (lambda k, p=p: getattr(p, k))
+        where = p.get("source") if isinstance(p, dict) else getattr(p, "source", None)
         out.append(
-            Example(get("clean_prefix"), get("patch_prefix"), get("clean_answer"), get("patch_answer"))
+            Example(get("clean_prefix"), get("patch_prefix"), get("clean_answer"), get("patch_answer"), where)
         )
     if not out:
         raise NeurontraceError("the dataset is empty; give at least one pair")
     return out
+
+
+def _where(example: Example, index: int) -> str:
+    return example.where or f"example {index + 1}"
+
+
+def _check_example(e: Example, metric: str, *, where: str | None) -> None:
+    """Examples whose scores would all be 0 or whose options would be ignored are errors, not silent results.
+
+    ``where`` is None for a single prompt, whose contrast is an option (a pair's second answer is data)."""
+    at = f"{where}: " if where else ""
+    if e.answer == "":
+        raise TokenizationError(
+            f"{at}the answer is empty; give the answer token, usually with a leading space"
+        )
+    if where is None and e.contrast is not None and metric in ("logprob", "logit", "prob", "topk"):
+        raise NeurontraceError(
+            f"{at}a contrast answer is not used by the {metric} metric; drop --contrast or use --metric logit-diff"
+        )
+    if metric == "logit-diff" and e.answer is not None and e.answer == e.contrast:
+        raise NeurontraceError(
+            f"{at}the answer and the contrast are both {e.answer!r}: their logit difference is 0 whatever the "
+            "model does; give two different answers"
+        )
+    if e.patch is not None and e.patch == e.clean:
+        raise NeurontraceError(
+            f"{at}the counterfactual prompt is the prompt itself ({e.clean!r}): patching it changes nothing and "
+            "every score would be 0; give a different counterfactual"
+        )
+
+
+def _locate(model: NeuronModel, chunk: Sequence[Example], start: int, metric, metric_fn, topk: int) -> None:
+    """Re-raise the first error of ``chunk`` with the example's line (or number) in the whole dataset."""
+    import re
+
+    for i, e in enumerate(chunk):
+        try:
+            metric_obj, forced = _metric_for(model, [e], metric, metric_fn, topk)
+            _tokenize(model, [e], metric_obj if forced else None)
+        except NeurontraceError as exc:
+            message = re.sub(r"^pair 0 has", "the pair has", str(exc))
+            raise type(exc)(f"{_where(e, start + i)}: {message}") from None
 
 
 def _metric_for(
@@ -201,6 +246,7 @@ def attribute(
     progress: bool = False,
     checkpoint: str | os.PathLike | None = None,
     checkpoint_every_s: float = 60.0,
+    keep_checkpoint: bool = False,
 ) -> AttributionResult:
     """Attribute a metric to every unit at every layer and position.
 
@@ -212,7 +258,9 @@ def attribute(
     ``batch_size="auto"`` takes the largest batch (at most 64) whose estimated peak memory fits in a quarter
     of the free memory (:mod:`neurontrace.memory`); a fixed batch that cannot fit stops before any compute.
     ``checkpoint`` names a file where partial results are saved every ``checkpoint_every_s`` seconds; a run
-    with the same inputs and settings resumes from it.
+    with the same inputs and settings resumes from it. It is removed when the result is complete, unless
+    ``keep_checkpoint``: then a complete checkpoint is left for the caller to remove once it has saved the result
+    (a failed save then loses nothing: the same call returns the result again without recomputing).
 
     Launched by ``torchrun`` with several processes (:mod:`neurontrace.distributed`), each process attributes a
     contiguous share of the examples and every process returns the whole, identical result; each then keeps
@@ -268,10 +316,18 @@ def attribute(
     )
     width = site_width(model, site)
     longest = 0
+    several = prompt is None
+    for i, e in enumerate(examples):
+        _check_example(e, metric if metric_fn is None else "custom", where=_where(e, i) if several else None)
     for start in range(0, len(examples), 256):  # fail on bad examples before any compute or progress bar
         chunk = examples[start : start + 256]
-        metric_obj, forced = _metric_for(model, chunk, metric, metric_fn, topk)
-        longest = max(longest, _tokenize(model, chunk, metric_obj if forced else None)[0].width)
+        try:
+            metric_obj, forced = _metric_for(model, chunk, metric, metric_fn, topk)
+            longest = max(longest, _tokenize(model, chunk, metric_obj if forced else None)[0].width)
+        except NeurontraceError:
+            if several:
+                _locate(model, chunk, start, metric, metric_fn, topk)
+            raise
     if auto_batch:  # the largest batch whose estimated peak takes a quarter of the free memory
         batch_size = memory.auto_batch_size(
             memory.Shape.of(model), prompt_len=longest, paired=paired, device=model.device
@@ -285,13 +341,20 @@ def attribute(
     split = size > 1 and method != "random" and len(examples) >= size  # random draws depend on the batches
     share = distributed.split(len(examples), rank, size) if split else range(len(examples))
     mine = examples[share.start : share.stop]
-    if checkpoint is not None and split:
-        checkpoint = Path(checkpoint).with_name(f"{Path(checkpoint).name}.rank{rank}-of-{size}")
-    fingerprint = _fingerprint(model, mine, config)
+    if checkpoint is not None:
+        checkpoint = process_checkpoint(checkpoint, split=split)
+    # the random control's draws depend on the batches: its checkpoints resume only with the same batch size
+    fingerprint = _fingerprint(
+        model, mine, {**config, "batch_size": batch_size if method == "random" else None}
+    )
+    generator = attributor.generator if method == "random" else None
     state = None
     if checkpoint is not None:
-        state = _State.load(Path(checkpoint), fingerprint, keep_per_example)
+        state = _State.load(
+            Path(checkpoint), fingerprint, keep_per_example, total=len(mine), generator=generator
+        )
     state = state or _State(keep_per_example)
+    resumed_complete = state.done == len(mine) and state.done > 0
     bar = None
     if progress and distributed.is_main():
         from tqdm.auto import tqdm
@@ -316,10 +379,14 @@ def attribute(
         if bar is not None:
             bar.update(len(chunk))
         if checkpoint is not None and time.monotonic() - last_save > checkpoint_every_s:
-            state.save(Path(checkpoint), fingerprint)
+            state.save(Path(checkpoint), fingerprint, generator)
             last_save = time.monotonic()
     if bar is not None:
         bar.close()
+    if checkpoint is not None and keep_checkpoint and state.done and not resumed_complete:
+        state.save(
+            Path(checkpoint), fingerprint, generator
+        )  # complete: kept until the caller's save succeeds
     tokens = state.tokens[:64]
     if split:
         state = state.merged()
@@ -339,9 +406,22 @@ def attribute(
             "sign": "m(patched) - m(clean)" if paired else "m(clean) - m(baseline)",
         }
     )
-    if checkpoint is not None:
+    if checkpoint is not None and not keep_checkpoint:
         Path(checkpoint).unlink(missing_ok=True)
     return result
+
+
+def process_checkpoint(checkpoint: str | os.PathLike, *, split: bool = True) -> Path:
+    """This process's checkpoint file: ``checkpoint`` itself, or ``.rank{r}-of-{n}`` beside it under torchrun."""
+    rank, size = distributed.world()
+    path = Path(checkpoint)
+    return path.with_name(f"{path.name}.rank{rank}-of-{size}") if split and size > 1 else path
+
+
+def remove_checkpoint(checkpoint: str | os.PathLike) -> None:
+    """Remove this process's checkpoint of ``checkpoint`` (after the result of ``keep_checkpoint`` is saved)."""
+    for path in {Path(checkpoint), process_checkpoint(checkpoint)}:
+        path.unlink(missing_ok=True)
 
 
 def _check_memory(model: NeuronModel, prompt_len: int, batch_size: int, paired: bool) -> None:
@@ -459,7 +539,8 @@ class _State:
         return out
 
     # ---------------------------------------------------------- checkpoints
-    def save(self, path: Path, fingerprint: str) -> None:
+    def save(self, path: Path, fingerprint: str, generator: torch.Generator | None = None) -> None:
+        """Write the state with its counts and a SHA-256 of everything in it (checked by :meth:`load`)."""
         from safetensors.torch import save
 
         from neurontrace.io import write_bytes_atomic
@@ -467,35 +548,86 @@ class _State:
         tensors = {name: self.get(name) for name in self.t if self.get(name) is not None}
         if self.pos_sum is not None:
             tensors["pos_sum"], tensors["pos_act_sum"] = self.pos_sum, self.pos_act_sum
+        if generator is not None:  # the random control's draws continue where they stopped
+            tensors["generator_state"] = generator.get_state()
         meta = {
             "fingerprint": fingerprint,
             "done": self.done,
             "lengths": self.lengths,
             "tokens": self.tokens,
             "keep": self.keep,
+            "rows": {name: int(t.shape[0]) for name, t in tensors.items() if name in _PER_EXAMPLE},
         }
+        meta["checksum"] = _checksum(tensors, meta)
         write_bytes_atomic(path, save(tensors, metadata={"neurontrace-checkpoint": json.dumps(meta)}))
 
     @classmethod
-    def load(cls, path: Path, fingerprint: str, keep: bool | None) -> _State | None:
-        """The state saved at ``path`` if it belongs to this very run (same fingerprint), else None."""
+    def load(
+        cls,
+        path: Path,
+        fingerprint: str,
+        keep: bool | None,
+        *,
+        total: int,
+        generator: torch.Generator | None = None,
+    ) -> _State | None:
+        """The state saved at ``path`` if it belongs to this very run and is intact, else None (said on stderr).
+
+        Intact: its SHA-256 matches, and its counts agree with each other and with the ``total`` examples.
+        """
         if not path.is_file():
             return None
         from safetensors import safe_open
+
+        def start_over(why: str) -> None:
+            print(f"[neurontrace] checkpoint {path} {why}; starting the run over", file=sys.stderr)
 
         try:
             with safe_open(str(path), framework="pt") as f:
                 meta = json.loads((f.metadata() or {})["neurontrace-checkpoint"])
                 tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
         except Exception:
-            return None  # an unreadable checkpoint is ignored and later overwritten
+            start_over("cannot be read (damaged or not a checkpoint)")
+            return None
         if meta.get("fingerprint") != fingerprint:
+            start_over("belongs to another run (other inputs or settings)")
+            return None
+        claimed = meta.pop("checksum", None)
+        if claimed != _checksum(tensors, meta):
+            start_over("is damaged (its checksum does not match its contents)")
+            return None
+        done = meta["done"]
+        counts = [len(meta["lengths"]), len(meta["tokens"]), *(int(t.shape[0]) for n, t in tensors.items()
+                  if n in _PER_EXAMPLE)]  # fmt: skip
+        if (
+            not 0 < done <= total
+            or any(c != done for c in counts)
+            or meta.get("rows", {}) != {n: int(t.shape[0]) for n, t in tensors.items() if n in _PER_EXAMPLE}
+        ):
+            start_over(f"is inconsistent ({done} examples done of {total}, counts {sorted(set(counts))})")
             return None
         state = cls(keep if keep is not None else meta.get("keep"))
-        state.done, state.lengths, state.tokens = meta["done"], meta["lengths"], meta["tokens"]
+        state.done, state.lengths, state.tokens = done, meta["lengths"], meta["tokens"]
         state.pos_sum, state.pos_act_sum = tensors.pop("pos_sum", None), tensors.pop("pos_act_sum", None)
+        generator_state = tensors.pop("generator_state", None)
+        if generator is not None and generator_state is not None:
+            generator.set_state(generator_state)
         state.t = {name: [value] for name, value in tensors.items()}
         return state
+
+
+_PER_EXAMPLE = ("scores_sum", "acts_sum", "metric_clean", "metric_patch", "scores", "embed_scores")
+
+
+def _checksum(tensors: dict[str, torch.Tensor], meta: dict) -> str:
+    """SHA-256 of a checkpoint's tensors (names, shapes, dtypes, bytes) and of its metadata."""
+    digest = hashlib.sha256(json.dumps(meta, sort_keys=True).encode())
+    for name in sorted(tensors):
+        t = tensors[name]
+        digest.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
+        if t.numel():
+            digest.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
 
 def verify_top(

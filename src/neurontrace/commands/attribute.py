@@ -6,11 +6,12 @@ import argparse
 from pathlib import Path
 
 from neurontrace import distributed
-from neurontrace.attribution.api import attribute, verify_top
+from neurontrace.attribution.api import attribute, remove_checkpoint, verify_top
 from neurontrace.attribution.replacement import RelPRules
 from neurontrace.attribution.result import AttributionResult, NodeScore
 from neurontrace.commands._common import model_from_args
 from neurontrace.errors import NeurontraceError
+from neurontrace.io import check_writable
 
 EXACT_NODE_LIMIT = 20_000
 
@@ -35,6 +36,10 @@ def run_attribute(args: argparse.Namespace) -> None:
         raise NeurontraceError("--top must be at least 1")
     if args.dataset is not None and not Path(args.dataset).is_file():
         raise NeurontraceError(f"no such dataset file: {args.dataset}")
+    out = None
+    if args.out or args.dataset:
+        out = Path(args.out or f"results/attribution-{args.method}.safetensors")
+        check_writable(out, what="--out")  # before any compute
     model = model_from_args(args)
     rules = RelPRules(gate=args.gate)
     if args.method == "exact" and args.prompt is not None:
@@ -65,9 +70,8 @@ def run_attribute(args: argparse.Namespace) -> None:
             **common,
         )
     else:
-        out = Path(args.out or f"results/attribution-{args.method}.safetensors")
         checkpoint = out.with_name(out.name + ".partial")
-        result = attribute(model, dataset=args.dataset, checkpoint=checkpoint, **common)
+        result = attribute(model, dataset=args.dataset, checkpoint=checkpoint, keep_checkpoint=True, **common)
     m = result.metric_clean
     print(
         f"Model: {model.name}   method: {args.method}   site: {args.site}   metric: {result.meta['metric']}"
@@ -100,9 +104,18 @@ def run_attribute(args: argparse.Namespace) -> None:
             + (", per position):" if per_position else ", summed over positions):")
         )
         print(format_table(result.top(args.top, per_position=per_position)))
-    if (args.out or args.dataset) and distributed.is_main():
-        path = result.save(Path(args.out or f"results/attribution-{args.method}.safetensors"))
-        print(f"\nwrote {path}")
+    if out is not None:
+        if distributed.is_main():
+            try:
+                path = result.save(out)
+            except OSError as exc:
+                kept = f"; the finished run is kept in {checkpoint}: rerun the same command to save it" if (
+                    args.dataset is not None) else ""  # fmt: skip
+                raise NeurontraceError(f"could not write {out}: {exc.strerror or exc}{kept}") from None
+            print(f"\nwrote {path}")
+        if args.dataset is not None:
+            distributed.barrier()
+            remove_checkpoint(checkpoint)  # only once the result is safely in place
 
 
 def load_result(path: str) -> AttributionResult:

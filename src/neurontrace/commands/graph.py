@@ -97,9 +97,10 @@ def _write_graph(
     """Prune, describe and export one graph (circuit-tracer JSON, full graph, HTML viewer) and print a summary."""
     from neurontrace.describe import graph_node_describer
     from neurontrace.graphs.build import NEURON
-    from neurontrace.graphs.export import save_graph, to_circuit_tracer, write_feature_files
+    from neurontrace.graphs.export import feature_files, to_circuit_tracer, to_neurontrace
     from neurontrace.graphs.prune import prune_graph
-    from neurontrace.viewer import write_viewer
+    from neurontrace.io import write_files_atomic
+    from neurontrace.viewer import render_viewer
 
     pruned = (
         graph
@@ -119,10 +120,19 @@ def _write_graph(
 
         groups = find_supernodes(pruned, distance_threshold=args.supernode_threshold)
         data = with_supernodes(data, groups)
-    json_path = write_text_atomic(out / f"{slug}.json", json.dumps(data))
-    full_path = save_graph(graph, out / f"{slug}.neurontrace.json")
-    html_path = write_viewer(data, out / f"{slug}.html", siblings=siblings)
-    write_feature_files(data, out)
+    # the whole set is written before any part replaces an old one: a full disk leaves the old set whole
+    json_path, full_path, html_path = (
+        out / f"{slug}.json",
+        out / f"{slug}.neurontrace.json",
+        out / f"{slug}.html",
+    )
+    parts = {
+        json_path: json.dumps(data),
+        full_path: json.dumps(to_neurontrace(graph)),
+        html_path: render_viewer(data, siblings=siblings),
+        **feature_files(data, out),
+    }
+    write_files_atomic(parts)
     n_neurons = sum(n.kind == NEURON for n in graph.nodes)
     p_neurons = sum(n.kind == NEURON for n in pruned.nodes)
     print(f"Graph of {graph.prompt!r} on {model.name}: targets " + ", ".join(

@@ -30,7 +30,7 @@ from typing import Any
 import torch
 
 from neurontrace.describe.writes import check_neuron
-from neurontrace.errors import NeurontraceError
+from neurontrace.errors import NeurontraceError, check_finite
 from neurontrace.io import JsonResult, write_bytes_atomic
 from neurontrace.models.model import NeuronModel
 from neurontrace.models.placement import loaded_weights
@@ -221,6 +221,8 @@ def _model_windows(model: NeuronModel, *, window: int, max_tokens: int, seed: in
     for start in range(0, n, GENERATE_BATCH):
         chunk = rows[start : start + GENERATE_BATCH]
         batch = Batch.from_ids(chunk, pad_id=pad_id_of(tok)).to(model.device)
+        if start == 0:  # a model with NaN outputs cannot be sampled: say so rather than fail inside generate
+            check_finite(model.logits(batch)[:, -1], "next-token logits")
         devices = list(range(torch.cuda.device_count())) if cuda else []
         with torch.random.fork_rng(devices=devices), torch.no_grad():
             torch.manual_seed(seed + start)

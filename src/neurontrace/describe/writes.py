@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from neurontrace.errors import NeurontraceError
+from neurontrace.errors import NeurontraceError, check_finite
 from neurontrace.io import JsonResult
 from neurontrace.models.model import NeuronModel, has_module
 from neurontrace.models.placement import loaded_weights
@@ -97,6 +97,7 @@ def describe_writes(model: NeuronModel, neuron: NeuronId, *, k: int = 10) -> Wri
         raise NeurontraceError("k must be at least 1")
     polarity = neuron.sign or "+"
     effects = logit_effects(model, neuron.layer, neuron.index)
+    check_finite(effects, f"logit effects of {neuron}")
     if polarity == "-":
         effects = -effects
     k = min(k, effects.numel())

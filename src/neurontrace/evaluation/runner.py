@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from neurontrace import distributed
-from neurontrace.attribution.api import attribute
+from neurontrace.attribution.api import attribute, remove_checkpoint
 from neurontrace.attribution.engine import METHODS
 from neurontrace.attribution.result import AttributionResult
 from neurontrace.errors import NeurontraceError
@@ -187,9 +187,12 @@ def _one_curve(model, run, method, basis, seed, train, test, evalsets, out, prog
                 progress=progress,
                 checkpoint=result_path.with_name(result_path.name + ".partial"),
                 checkpoint_every_s=30.0,
+                keep_checkpoint=True,
             )
             if main:
                 result.save(result_path)
+            distributed.barrier()
+            remove_checkpoint(result_path.with_name(result_path.name + ".partial"))  # once the result is safe
         scores = result.mean_scores if run.nodes == "per-position" else result.position_free
         if scores is None:
             raise NeurontraceError(

@@ -296,4 +296,6 @@ def direct_effects(
                 leaf = leaves[layer].detach()[0]
                 w = (_promote(leaf[pos, unit])[None] * _promote(g[:, 0, pos, unit])).float().cpu()  # [K, n]
                 adjacency[rows_t[:, None], torch.tensor([i for i, _ in members])[None, :]] = w
+            # free this chunk's gradients before the next VJP: kept, they doubled the peak (two chunks alive)
+            grads = g_e = g = None
     return adjacency

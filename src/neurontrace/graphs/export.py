@@ -38,7 +38,7 @@ import torch
 
 from neurontrace.errors import NeurontraceError
 from neurontrace.graphs.build import EMBEDDING, LOGIT, NEURON, AttributionGraph, GraphNode
-from neurontrace.io import write_text_atomic
+from neurontrace.io import write_files_atomic, write_text_atomic
 from neurontrace.neurons import NeuronId
 
 SCHEMA_VERSION = 1
@@ -255,29 +255,34 @@ def feature_file(
     }
 
 
-def write_feature_files(data: Mapping[str, Any], folder: str | Path) -> list[Path]:
-    """Write the feature files of ``data``'s neurons under ``folder`` (the data folder the frontend serves).
+def feature_files(data: Mapping[str, Any], folder: str | Path) -> dict[Path, str]:
+    """The feature files of ``data``'s neurons under ``folder`` (the data folder the frontend serves): path ->
+    JSON text, merged with the files already there (:func:`feature_file`).
 
     Only for a ``scan`` under ``./graph_data/``; a Neuronpedia scan has its features on Neuronpedia.
     """
     scan = str(data["metadata"].get("scan", ""))
     if not scan.startswith("./graph_data/"):
-        return []
+        return {}
     root = Path(folder) / scan[len("./graph_data/") :]
-    written = []
+    files: dict[Path, str] = {}
     for node in data["nodes"]:
         if node.get("feature_type") != NEURON_TYPE:
             continue
         path = root / f"{int(node['feature'])}.json"
-        existing = None
-        if path.exists():
+        existing = json.loads(files[path]) if path in files else None
+        if existing is None and path.exists():
             try:
                 existing = json.loads(path.read_text(encoding="utf-8"))
             except ValueError:
-                existing = None  # our own cache-like file: rewritten whole
-        content = feature_file(node, scan, existing)
-        written.append(write_text_atomic(path, json.dumps(content)))
-    return written
+                existing = None  # a damaged feature file of ours: written anew
+        files[path] = json.dumps(feature_file(node, scan, existing))
+    return files
+
+
+def write_feature_files(data: Mapping[str, Any], folder: str | Path) -> list[Path]:
+    """Write :func:`feature_files` (all of them, or none if one cannot be written)."""
+    return write_files_atomic(feature_files(data, folder))
 
 
 def normalise_q_params(q: Any) -> dict[str, Any]:

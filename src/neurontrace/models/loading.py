@@ -26,7 +26,7 @@ from neurontrace.models.adapters import adapter_for
 from neurontrace.models.model import NeuronModel
 
 DEFAULT_MODEL = "smollm2-135m"
-CACHE_FORMAT = 1  # bump when the converted-copy layout changes
+CACHE_FORMAT = 2  # bump when the converted-copy layout changes (2: per-file SHA-256 checksums)
 
 
 def neurontrace_home() -> Path:
@@ -189,6 +189,31 @@ def gguf_cache_dir(gguf_path: Path, sha: str | None = None) -> Path:
     return neurontrace_home() / "models" / f"{gguf_path.stem}-{sha[:16]}"
 
 
+def _cache_problem(target: Path) -> str | None:
+    """Why the cached conversion in ``target`` cannot be used ("missing", damaged, old format), or None.
+
+    Every file's SHA-256 is recorded at conversion and checked on each load (about a second for 0.5 GB), so
+    flipped bytes in the cache are rebuilt rather than loaded as NaN weights.
+    """
+    record = target / "neurontrace-source.json"
+    if not record.is_file():
+        return "missing" if not target.exists() else "is incomplete"
+    try:
+        source = json.loads(record.read_text())
+        files = source["files"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return "was written by an older neurontrace (no checksums)"
+    if source.get("format") != CACHE_FORMAT:
+        return f"has format {source.get('format')}, not {CACHE_FORMAT}"
+    for name, digest in files.items():
+        path = target / name
+        if not path.is_file():
+            return f"lacks {name}"
+        if file_sha256(path) != digest:
+            return f"is damaged ({name} does not match its checksum)"
+    return None
+
+
 def convert_gguf(gguf_path: Path, *, progress: bool = True) -> Path:
     """Convert a GGUF file once to a float32 safetensors folder in the cache; return the folder.
 
@@ -199,8 +224,11 @@ def convert_gguf(gguf_path: Path, *, progress: bool = True) -> Path:
 
     sha = file_sha256(gguf_path)
     target = gguf_cache_dir(gguf_path, sha)
-    if (target / "neurontrace-source.json").is_file():
+    problem = _cache_problem(target)
+    if problem is None:
         return target
+    if problem != "missing":
+        _say(f"the cached conversion {target} {problem}; rebuilding it from {gguf_path.name}")
     folder, name = str(gguf_path.parent), gguf_path.name
     try:
         config = AutoConfig.from_pretrained(folder, gguf_file=name)
@@ -225,7 +253,8 @@ def convert_gguf(gguf_path: Path, *, progress: bool = True) -> Path:
     try:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
-        source = {"gguf": str(gguf_path), "sha256": sha, "format": CACHE_FORMAT}
+        files = {f.name: file_sha256(f) for f in sorted(tmp.iterdir()) if f.is_file()}
+        source = {"gguf": str(gguf_path), "sha256": sha, "format": CACHE_FORMAT, "files": files}
         (tmp / "neurontrace-source.json").write_text(json.dumps(source, indent=2))
         if target.exists():  # a stale or partial copy
             shutil.rmtree(target)
@@ -263,6 +292,25 @@ def parse_device_map(text: str | None) -> str | dict | None:
             '--device-map must map module names to devices, e.g. {"model.layers.3": "cpu"}'
         )
     return value
+
+
+def _check_loading_info(spec: str, info: dict) -> None:
+    """Weights the checkpoint lacks (left randomly initialised) or has in excess are an error naming them."""
+    problems = []
+    for key, what in (
+        ("missing_keys", "missing"),
+        ("unexpected_keys", "unexpected"),
+        ("mismatched_keys", "of the wrong shape"),
+    ):
+        names = sorted(str(k if isinstance(k, str) else k[0]) for k in info.get(key) or [])
+        if names:
+            shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+            problems.append(f"{len(names)} {what} ({shown})")
+    if problems:
+        raise ModelLoadError(
+            f"model {spec!r} does not match its architecture: weights {'; '.join(problems)}; a missing weight would "
+            "be random; check that the checkpoint is complete and of this model"
+        )
 
 
 def load_model(
@@ -342,7 +390,10 @@ def load_model(
             with init_empty_weights():
                 hf = AutoModelForCausalLM.from_config(config, dtype=kwargs["dtype"])
         else:
-            hf = AutoModelForCausalLM.from_pretrained(location, config=config, **kwargs)
+            hf, info = AutoModelForCausalLM.from_pretrained(
+                location, config=config, output_loading_info=True, **kwargs
+            )
+            _check_loading_info(spec, info)
         tokenizer = AutoTokenizer.from_pretrained(
             location, trust_remote_code=trust_remote_code, local_files_only=local_only
         )

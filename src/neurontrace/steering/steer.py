@@ -32,7 +32,7 @@ from typing import Literal
 
 import torch
 
-from neurontrace.errors import InterventionError, NeurontraceError
+from neurontrace.errors import InterventionError, NeurontraceError, check_finite
 from neurontrace.inspection import TokenProb
 from neurontrace.interventions import Edit, intervene
 from neurontrace.io import JsonResult, write_bytes_atomic
@@ -335,8 +335,10 @@ def steer(
         extra_columns=generate,
     )
     before = model.logits(batch)[0, -1]
+    check_finite(before, "next-token logits")
     with intervene(model, edits):
         after = model.logits(batch)[0, -1]
+    check_finite(after, "next-token logits after steering")
     lp_before, lp_after = before.float().log_softmax(-1), after.float().log_softmax(-1)
     changes = []
     for answer, i in zip(answers, answer_ids, strict=True):
@@ -391,6 +393,7 @@ def sweep(
     neurons = check_neurons(model, neurons)
     batch = model.tokenize(prompt)
     before = model.logits(batch)[0, -1]
+    check_finite(before, "next-token logits")
     answers = [answers] if isinstance(answers, str) else list(answers)
     if answers:
         answer_ids = _answer_ids(model, answers)
@@ -402,6 +405,7 @@ def sweep(
         edits = steering_edits(model, neurons, prompt_length=batch.width, mode=mode, value=v)
         with intervene(model, edits):
             after = model.logits(batch)[0, -1]
+        check_finite(after, f"next-token logits at value {v}")
         p = after.float().softmax(-1)
         probs.append([float(p[i]) for i in answer_ids])
         logits.append([float(after[i]) for i in answer_ids])

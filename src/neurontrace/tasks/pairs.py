@@ -43,6 +43,7 @@ class Pair:
     patch_answer: str
     case: str | None = None
     slots: tuple[str, ...] | None = field(default=None, compare=False)
+    source: str | None = field(default=None, compare=False, repr=False)  # "file:line" when read from a file
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON object of this pair (``case`` and ``slots`` only when set)."""
@@ -88,7 +89,7 @@ def _pair_from_line(line: str, where: str) -> Pair:
                 f"{values['clean_prefix']!r}"
             )
         slots = tuple(slots)
-    return Pair(**values, case=case, slots=slots)
+    return Pair(**values, case=case, slots=slots, source=where)
 
 
 def load_pairs(path: str | os.PathLike) -> list[Pair]:
@@ -101,16 +102,20 @@ def load_pairs(path: str | os.PathLike) -> list[Pair]:
         what = "is a folder, not a dataset file" if path.is_dir() else "no such dataset file"
         raise DatasetError(f"{what}: {path}; give a JSONL file with one pair per line")
     try:
-        text = path.read_text(encoding="utf-8-sig")
-    except UnicodeDecodeError:
-        raise DatasetError(f"{path} is not UTF-8 text; give a JSONL file with one pair per line") from None
+        data = path.read_bytes()
     except OSError as e:
         raise DatasetError(f"cannot read dataset file {path}: {e.strerror}") from None
-    pairs = [
-        _pair_from_line(line, f"{path}:{number}")
-        for number, line in enumerate(text.splitlines(), start=1)
-        if line.strip()
-    ]
+    pairs = []
+    for number, raw in enumerate(data.split(b"\n"), start=1):
+        try:
+            line = raw.decode("utf-8-sig" if number == 1 else "utf-8")
+        except UnicodeDecodeError as e:
+            raise DatasetError(
+                f"{path}:{number}: not UTF-8 text (byte {raw[e.start]:#04x} at column {e.start + 1}); "
+                "save the file as UTF-8"
+            ) from None
+        if line.strip():
+            pairs.append(_pair_from_line(line, f"{path}:{number}"))
     if not pairs:
         raise DatasetError(f"the dataset {path} is empty; it needs at least one pair, one JSON object a line")
     return pairs
