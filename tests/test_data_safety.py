@@ -66,7 +66,7 @@ def test_a_failed_save_keeps_the_run_and_the_rerun_saves_it_without_compute(
     out = tmp_path / "res.safetensors"
     argv = ["attribute", "--model", folder, "--dataset", str(data), "--out", str(out), "--batch-size", "2"]
     monkeypatch.setattr(AttributionResult, "save", no_space)
-    assert main(argv) == EXIT_USAGE
+    assert main(argv) == EXIT_ENVIRONMENT
     line = one_line(capsys.readouterr().err)
     assert "No space left on device" in line and "res.safetensors.partial" in line and "rerun" in line
     partial = tmp_path / "res.safetensors.partial"

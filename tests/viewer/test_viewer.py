@@ -250,31 +250,10 @@ def driver(tmp_path_factory, downloads):
     """One headless Chromium for the module, with no network services and downloads into ``downloads``."""
     if not (CHROMIUM.exists() and CHROMEDRIVER.exists()):
         pytest.skip("needs /usr/bin/chromium and /usr/bin/chromedriver (Debian: chromium chromium-driver)")
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
+    from ct_frontend import chromium
 
-    options = webdriver.ChromeOptions()
-    options.binary_location = str(CHROMIUM)
-    for arg in (
-        "--headless=new",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--disable-dev-shm-usage",
-        "--disable-background-networking",
-        "--disable-component-update",
-        "--disable-sync",
-        "--no-first-run",
-        "--window-size=1600,1000",
-        f"--user-data-dir={tmp_path_factory.mktemp('chrome-profile')}",
-    ):
-        options.add_argument(arg)
-    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
-    drv = webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=options)
+    drv = chromium(tmp_path_factory.mktemp("chrome-profile"))
     try:
-        drv.execute_cdp_cmd(
-            "Emulation.setDeviceMetricsOverride",
-            {"width": 1600, "height": 1000, "deviceScaleFactor": 1, "mobile": False},
-        )
         drv.execute_cdp_cmd(
             "Browser.setDownloadBehavior", {"behavior": "allow", "downloadPath": str(downloads)}
         )

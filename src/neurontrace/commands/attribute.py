@@ -111,7 +111,9 @@ def run_attribute(args: argparse.Namespace) -> None:
             except OSError as exc:
                 kept = f"; the finished run is kept in {checkpoint}: rerun the same command to save it" if (
                     args.dataset is not None) else ""  # fmt: skip
-                raise NeurontraceError(f"could not write {out}: {exc.strerror or exc}{kept}") from None
+                raise OSError(
+                    exc.errno, f"could not write the result: {exc.strerror or exc}{kept}", str(out)
+                ) from None
             print(f"\nwrote {path}")
         if args.dataset is not None:
             distributed.barrier()
