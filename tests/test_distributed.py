@@ -10,6 +10,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import distributed_worker as worker
@@ -36,14 +37,16 @@ TINY_PAIRS = [
 ]
 
 
-def torchrun(*args: str, nproc: int = 2, timeout: float = 240) -> subprocess.CompletedProcess:
-    """Run ``args`` (a script or ``-m module`` and its arguments) in ``nproc`` processes; must succeed."""
+def torchrun(
+    *args: str, nproc: int = 2, timeout: float = 240, ok: bool = True
+) -> subprocess.CompletedProcess:
+    """Run ``args`` (a script or ``-m module`` and its arguments) in ``nproc`` processes; must succeed if ``ok``."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error"}
     for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(name, None)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *args]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
-    assert proc.returncode == 0, f"torchrun failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
+    assert proc.returncode == 0 or not ok, f"torchrun failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
     return proc
 
 
@@ -225,3 +228,21 @@ def test_cli_evaluate_and_graphs(tiny_folder, tmp_path):
         for kind in ("json", "full", "html"):
             assert (tmp_path / "graphs" / g[kind]).is_file()
         assert json.loads((tmp_path / "graphs" / g["full"]).read_text())["prompt"] == g["prompt"]
+
+
+def test_a_user_error_on_one_process_stops_every_process_within_seconds(tiny_folder, tmp_path):
+    """Process 1's graph file is blocked by a folder (a user error only it meets); process 0 waits for it at the
+    index barrier. Both must stop, each with one line, long before gloo's 30-minute timeout."""
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("the keys to the cabinet\nthe dogs near the table\n")
+    out = tmp_path / "out"
+    (out / "g-001.json").mkdir(parents=True)
+    start = time.monotonic()
+    proc = torchrun("-m", "neurontrace.cli", "graph", "--model", tiny_folder, "--prompts", str(prompts),
+                    "--slug", "g", "--out", str(out), timeout=120, ok=False)  # fmt: skip
+    assert proc.returncode != 0 and time.monotonic() - start < 60
+    err = proc.stderr
+    assert err.count("neurontrace: error: ") == 2, err[-3000:]
+    assert f"{out / 'g-001.json'}: is a folder where a file is written" in err
+    assert "another process of this run stopped" in err
+    assert "[rank0]: Traceback" not in err and "[rank1]: Traceback" not in err  # torchrun's own report aside

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import importlib
 import os
 import sys
@@ -18,6 +19,11 @@ from neurontrace import __version__
 
 EXIT_USAGE = 2  # a user mistake: bad model, data, prompt or option
 EXIT_ENVIRONMENT = 3  # the machine refused: no space left, no permission, a read-only folder
+_PATH_KINDS = {
+    errno.EEXIST: "a file is there where a folder is needed",
+    errno.ENOTDIR: "a file is in the way: part of this path is a file, not a folder",
+    errno.EISDIR: "is a folder where a file is written",
+}
 # command -> (module in neurontrace.commands, function taking the parsed arguments); imported on use
 COMMANDS: dict[str, tuple[str, str]] = {
     "inspect": ("inspect", "run_inspect"),
@@ -217,6 +223,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return EXIT_USAGE
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    code = _run(args)
+    if code and _world_size() > 1:
+        # under torchrun: leave now, skipping exit handlers that could wait on the other processes; they see the
+        # connection close within seconds and stop too (torchrun stops the rest)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
+
+
+def _world_size() -> int:
+    from neurontrace.distributed import world
+
+    return world().size
+
+
+def _run(args: argparse.Namespace) -> int:
     from neurontrace.distributed import is_main
     from neurontrace.errors import NeurontraceError
 
@@ -232,6 +255,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OSError as exc:  # the environment, not the input: one line, and what was written stays intact
         if os.environ.get("NEURONTRACE_DEBUG"):
             raise
+        in_the_way = _PATH_KINDS.get(exc.errno)
+        if in_the_way:  # a path of the wrong kind is the user's choice of --out, not the machine's fault
+            print(f"neurontrace: error: {exc.filename}: {in_the_way}; choose another --out", file=sys.stderr)
+            return EXIT_USAGE
         where = f" ({exc.filename})" if exc.filename else ""
         print(
             f"neurontrace: error: {exc.strerror or exc}{where}; files written before are intact "
@@ -242,7 +269,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("neurontrace: interrupted", file=sys.stderr)
         return 130
+    except RuntimeError as exc:
+        if _world_size() > 1 and _peer_stopped(exc) and not os.environ.get("NEURONTRACE_DEBUG"):
+            rank = os.environ.get("RANK", "?")
+            print(f"neurontrace: error: process {rank}: another process of this run stopped (its error is above); "
+                  "stopping too", file=sys.stderr)  # fmt: skip
+            return EXIT_ENVIRONMENT
+        raise
     return 0
+
+
+def _peer_stopped(exc: RuntimeError) -> bool:
+    """Whether ``exc`` is a collective failing because another process of the run has gone."""
+    import torch.distributed as dist
+
+    kinds = tuple(k for k in (getattr(dist, "DistError", None),) if k is not None)
+    text = str(exc)
+    return isinstance(exc, kinds) or "Connection closed by peer" in text or "Connection reset by peer" in text
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -69,12 +69,20 @@ def check_writable(path: str | os.PathLike, *, what: str = "the output") -> Path
     return path
 
 
+def _replace(tmp: Path, target: Path) -> None:
+    """``os.replace`` whose error names the target (the user's path), not the temporary file."""
+    try:
+        os.replace(tmp, target)
+    except OSError as exc:
+        raise type(exc)(exc.errno, exc.strerror, str(target)) from None
+
+
 def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> Path:
     """Write ``data`` to ``path`` through a temporary file in the same folder and an atomic rename."""
     path = Path(path)
     tmp = _write_temporary(path, data)
     try:
-        os.replace(tmp, path)
+        _replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
@@ -100,7 +108,7 @@ def write_files_atomic(files: Mapping[str | os.PathLike, bytes | str]) -> list[P
         raise
     try:
         for tmp, target in written:
-            os.replace(tmp, target)
+            _replace(tmp, target)
     finally:
         for tmp, _ in written:
             tmp.unlink(missing_ok=True)

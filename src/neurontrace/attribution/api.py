@@ -245,7 +245,7 @@ def attribute(
     keep_per_example: bool | None = None,
     progress: bool = False,
     checkpoint: str | os.PathLike | None = None,
-    checkpoint_every_s: float = 60.0,
+    checkpoint_every_s: float | None = None,
     keep_checkpoint: bool = False,
 ) -> AttributionResult:
     """Attribute a metric to every unit at every layer and position.
@@ -257,7 +257,8 @@ def attribute(
     multi-token answers). ``baseline`` (``zero`` or ``mean``) is used for prompts without a counterfactual.
     ``batch_size="auto"`` takes the largest batch (at most 64) whose estimated peak memory fits in a quarter
     of the free memory (:mod:`neurontrace.memory`); a fixed batch that cannot fit stops before any compute.
-    ``checkpoint`` names a file where partial results are saved every ``checkpoint_every_s`` seconds; a run
+    ``checkpoint`` names a file where partial results are saved every ``checkpoint_every_s`` seconds (default
+    60, or ``$NEURONTRACE_CHECKPOINT_SECONDS``); a run
     with the same inputs and settings resumes from it. It is removed when the result is complete, unless
     ``keep_checkpoint``: then a complete checkpoint is left for the caller to remove once it has saved the result
     (a failed save then loses nothing: the same call returns the result again without recomputing).
@@ -360,6 +361,8 @@ def attribute(
         from tqdm.auto import tqdm
 
         bar = tqdm(total=len(mine), initial=state.done, desc=f"{method} attribution", unit="ex", leave=False)
+    if checkpoint_every_s is None:
+        checkpoint_every_s = float(os.environ.get("NEURONTRACE_CHECKPOINT_SECONDS", 60.0))
     last_save = time.monotonic()
     for start in range(state.done, len(mine), batch_size):
         chunk = mine[start : start + batch_size]

@@ -8,7 +8,6 @@ from neurontrace.errors import NeurontraceError
 
 
 def run_estimate(args: argparse.Namespace) -> None:
-    import torch
 
     from neurontrace.memory import estimate, gib
     from neurontrace.models.loading import load_model
@@ -16,7 +15,11 @@ def run_estimate(args: argparse.Namespace) -> None:
     if args.prompt_len < 1 or args.nodes < 0 or args.batch_size < 1:
         raise NeurontraceError("--prompt-len and --batch-size must be at least 1, --nodes at least 0")
     model = load_model(args.model, device="meta", dtype=args.dtype, trust_remote_code=args.trust_remote_code)
-    run_on = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    from neurontrace.models.loading import resolve_device
+
+    run_on = resolve_device(
+        args.device
+    )  # the device whose free memory counts; one that is not here is an error
     e = estimate(model, prompt_len=args.prompt_len, nodes=args.nodes, batch_size=args.batch_size,
                  paired=args.paired, device=run_on)  # fmt: skip
     free = e.available

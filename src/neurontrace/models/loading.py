@@ -130,7 +130,21 @@ def hub_reachable(timeout_s: float = 2.0) -> bool:
         socket.setdefaulttimeout(previous)
 
 
-def _device(device: str | None) -> str:
+def available_devices() -> list[str]:
+    """The devices this machine can run on: ``cpu``, each ``cuda:i``, ``mps``."""
+    import torch
+
+    devices = ["cpu"]
+    if torch.cuda.is_available():
+        devices += [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+    mps = getattr(torch.backends, "mps", None)
+    if mps is not None and mps.is_available():
+        devices.append("mps")
+    return devices
+
+
+def resolve_device(device: str | None) -> str:
+    """``device`` resolved (``auto``: CUDA if there is one) and checked: one that is not here is a user error."""
     import torch
 
     if device in (None, "auto") and not torch.cuda.is_available():
@@ -139,6 +153,28 @@ def _device(device: str | None) -> str:
         from neurontrace.distributed import local_rank  # under torchrun: one GPU per process on a machine
 
         return f"cuda:{local_rank() % torch.cuda.device_count()}"
+    here = available_devices()
+    choose = f"devices here: {', '.join(here)}; choose one with --device (or auto)"
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise NeurontraceError(f"--device {device!r} is not a device name ({choose})") from None
+    if parsed.type == "cpu" or parsed.type == "meta":
+        return device
+    if parsed.type == "cuda":
+        if not torch.cuda.is_available():
+            build = "a CPU-only build of torch" if torch.version.cuda is None else "no CUDA device visible"
+            raise NeurontraceError(f"--device {device}: CUDA is not available ({build}); {choose}")
+        if parsed.index is not None and parsed.index >= torch.cuda.device_count():
+            raise NeurontraceError(f"--device {device} does not exist; {choose}")
+        return device
+    if parsed.type == "mps" and "mps" not in here:
+        raise NeurontraceError(f"--device {device}: Apple's MPS is not available on this machine; {choose}")
+    backend = getattr(torch, parsed.type, None)
+    if parsed.type != "mps" and not (
+        backend is not None and getattr(backend, "is_available", lambda: False)()
+    ):
+        raise NeurontraceError(f"--device {device}: no {parsed.type} device on this machine; {choose}")
     return device
 
 
@@ -345,6 +381,8 @@ def load_model(
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     start = time.perf_counter()
+    if device_map is None:
+        device = resolve_device(device)  # a device that is not here fails before any weight is read
     resolved = resolve_spec(spec)
     if progress:
         _say(f"loading {resolved.name} ({resolved.kind}: {resolved.location}) ...")
@@ -407,7 +445,7 @@ def load_model(
             ) from None
         raise ModelLoadError(f"could not load model {spec!r} from {location}: {_first_line(exc)}") from None
     if device_map is None and device != "meta":
-        hf.to(_device(device))
+        hf.to(resolve_device(device))
     model = NeuronModel(hf=hf, tokenizer=tokenizer, adapter=adapter, name=resolved.name, source=location)
     if progress:
         _say(
