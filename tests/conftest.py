@@ -111,6 +111,13 @@ def make_tiny_hf(family: str, seed: int = 0, **overrides) -> torch.nn.Module:
     return model
 
 
+def save_tiny_folder(path, family: str = "llama", seed: int = 0) -> str:
+    """A tiny random model and the word tokenizer saved as a local model folder (what the CLI loads)."""
+    make_tiny_hf(family, seed=seed).save_pretrained(path)
+    word_tokenizer().save_pretrained(path)
+    return str(path)
+
+
 def make_tiny(family: str, seed: int = 0, **overrides):
     from neurontrace.models.model import NeuronModel
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_tiny, make_tiny_hf, word_tokenizer
+from conftest import make_tiny, make_tiny_hf, save_tiny_folder, word_tokenizer
 
 from neurontrace.attribution import api
 from neurontrace.attribution.api import attribute
@@ -35,9 +35,7 @@ PAIRS = [
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory) -> str:
     path = tmp_path_factory.mktemp("model")
-    make_tiny_hf("llama").save_pretrained(path)
-    word_tokenizer().save_pretrained(path)
-    return str(path)
+    return save_tiny_folder(path, seed=0)
 
 
 @pytest.fixture(scope="module")
@@ -111,8 +109,7 @@ def test_an_unwritable_out_stops_before_any_compute(folder, tmp_path, monkeypatc
 def test_a_checkpoint_with_a_missing_or_unexpected_weight_is_an_error_naming_it(tmp_path, change, capsys):
     from safetensors.torch import load_file, save_file
 
-    make_tiny_hf("llama").save_pretrained(tmp_path)
-    word_tokenizer().save_pretrained(tmp_path)
+    save_tiny_folder(tmp_path)
     weights = load_file(tmp_path / "model.safetensors")
     name = "model.layers.1.mlp.down_proj.weight"
     if change == "remove":

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_tiny_hf, word_tokenizer
+from conftest import save_tiny_folder
 
 from neurontrace.cli import EXIT_ENVIRONMENT, EXIT_USAGE, main
 from neurontrace.tasks.pairs import Pair, save_pairs
@@ -36,9 +36,7 @@ PAIRS = [
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory) -> str:
     path = tmp_path_factory.mktemp("model")
-    make_tiny_hf("llama", seed=2).save_pretrained(path)
-    word_tokenizer().save_pretrained(path)
-    return str(path)
+    return save_tiny_folder(path, seed=2)
 
 
 def error_line(err: str) -> str:
