@@ -231,8 +231,8 @@ def test_cli_evaluate_and_graphs(tiny_folder, tmp_path):
 
 
 def test_a_user_error_on_one_process_stops_every_process_within_seconds(tiny_folder, tmp_path):
-    """Process 1's graph file is blocked by a folder (a user error only it meets); process 0 waits for it at the
-    index barrier. Both must stop, each with one line, long before gloo's 30-minute timeout."""
+    """Process 1's graph file is blocked by a folder, a user error only it meets: it stops before any compute and
+    torchrun stops the other, long before gloo's 30-minute timeout; one line, no traceback of ours."""
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("the keys to the cabinet\nthe dogs near the table\n")
     out = tmp_path / "out"
@@ -242,7 +242,17 @@ def test_a_user_error_on_one_process_stops_every_process_within_seconds(tiny_fol
                     "--slug", "g", "--out", str(out), timeout=120, ok=False)  # fmt: skip
     assert proc.returncode != 0 and time.monotonic() - start < 60
     err = proc.stderr
-    assert err.count("neurontrace: error: ") == 2, err[-3000:]
-    assert f"{out / 'g-001.json'}: is a folder where a file is written" in err
-    assert "another process of this run stopped" in err
+    assert err.count("neurontrace: error: ") == 1, err[-3000:]
+    assert f"{out / 'g-001.json'} is a folder" in err
     assert "[rank0]: Traceback" not in err and "[rank1]: Traceback" not in err  # torchrun's own report aside
+
+
+def test_a_process_waiting_for_one_that_failed_stops_with_one_line():
+    """Process 0 waits at a barrier for process 1, which met a user error: both stop within seconds."""
+    start = time.monotonic()
+    proc = torchrun(str(Path(__file__).with_name("distributed_fail_one.py")), timeout=120, ok=False)
+    assert proc.returncode != 0 and time.monotonic() - start < 60
+    err = proc.stderr
+    assert "neurontrace: error: a user error that only process 1 meets" in err
+    assert "neurontrace: error: process 0: another process of this run stopped" in err, err[-3000:]
+    assert "[rank0]: Traceback" not in err and "[rank1]: Traceback" not in err

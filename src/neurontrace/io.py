@@ -53,7 +53,9 @@ def check_writable(path: str | os.PathLike, *, what: str = "the output") -> Path
 
     path = Path(path)
     if path.is_dir():
-        raise NeurontraceError(f"{what} {path} is a folder; give a file name")
+        raise NeurontraceError(
+            f"{what} {path} is a folder, where a file is to be written; choose another path"
+        )
     for parent in path.parents:
         if parent.exists():
             if not parent.is_dir():

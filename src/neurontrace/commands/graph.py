@@ -17,7 +17,7 @@ from pathlib import Path
 from neurontrace import distributed
 from neurontrace.commands._common import model_from_args
 from neurontrace.errors import NeurontraceError
-from neurontrace.io import write_text_atomic
+from neurontrace.io import check_writable, write_text_atomic
 
 _PLAIN_NAME = re.compile(r"[A-Za-z0-9._-]+")
 
@@ -47,10 +47,17 @@ def run_graph(args: argparse.Namespace) -> None:
             f"--slug {slug!r} is not a plain file name; use letters, digits, '.', '_' and '-' (files go in --out)"
         )
     prompts = [args.prompt] if args.prompt is not None else read_prompts(args.prompts)
+    out = Path(args.out)
+    stems = [slug] if args.prompt is not None else [f"{slug}-{i:03d}" for i in range(len(prompts))]
+    for i in distributed.shard(
+        len(stems)
+    ):  # this process's outputs: a blocked path stops it before the compute
+        stem = stems[i]
+        for suffix in (".json", ".neurontrace.json", ".html"):
+            check_writable(out / f"{stem}{suffix}", what="--out")
     model = model_from_args(args)
     answers = [a for a in (args.answer or [])]
-    out = Path(args.out)
-    slugs = [slug] if args.prompt is not None else [f"{slug}-{i:03d}" for i in range(len(prompts))]
+    slugs = stems
     siblings = None
     if args.prompts is not None:
         siblings = [
@@ -154,7 +161,9 @@ def add_graph_parser(sub, add_model_args) -> None:
         description=(
             "Select neurons by RelP attribution to the target logits, compute direct-effect edges between them, "
             "the token embeddings and the logits, prune by influence on the logits, and write the graph JSON, the "
-            "unpruned graph in neurontrace's own format, and a self-contained HTML viewer."
+            "unpruned graph in neurontrace's own format, and a self-contained HTML viewer. The folder also gets "
+            "graph-metadata.json and features/ so that circuit-tracer's own frontend serves it unchanged "
+            "(circuit_tracer.frontend.serve(data_dir=OUT)); `neurontrace view` opens graph files from elsewhere."
         ),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
@@ -175,7 +184,11 @@ def add_graph_parser(sub, add_model_args) -> None:
     )
     p.add_argument("--max-nodes", type=int, default=2000, help="most neuron nodes")
     p.add_argument(
-        "--node-fraction", type=float, default=0.8, help="pruning: cumulative influence kept (nodes)"
+        "--node-fraction",
+        type=float,
+        default=0.8,
+        help="pruning: keep the neurons of the smallest set of most influential nodes (neurons and embeddings, "
+        "ranked as circuit-tracer does) holding this share of the total influence",
     )
     p.add_argument(
         "--edge-fraction", type=float, default=0.98, help="pruning: cumulative influence kept (edges)"
