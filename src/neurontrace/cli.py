@@ -147,7 +147,12 @@ def _build_parser() -> argparse.ArgumentParser:
         choices=["logit-diff", "logit", "logprob", "prob", "topk"],
         help="default: logit-diff with a contrast or for datasets, else logit; logprob teacher-forces multi-token answers",
     )
-    p.add_argument("--site", default="neurons", choices=["neurons", "mlp_out", "attn_out", "resid"])
+    p.add_argument(
+        "--site",
+        default="neurons",
+        help="the basis: neurons (default), mlp_out, attn_out, resid, or sae:DIR, a SAELens dictionary (one SAE "
+        "folder, or a folder of them, one a layer); its units are the latents, then the error components",
+    )
     p.add_argument(
         "--baseline", default="zero", choices=["zero", "mean"], help="baseline without a counterfactual"
     )

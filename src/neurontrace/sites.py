@@ -9,7 +9,14 @@ site           tensor                                                          w
 ``mlp_out``    output of the MLP module                                        d_model
 ``attn_out``   output of the attention output projection                       d_model
 ``resid``      residual stream after the decoder layer                         d_model
+``sae:DIR``    a dictionary's latents, then its error term, at the site of     d_sae + d_in
+               its SAEs (SAELens folders; :mod:`neurontrace.dictionaries`)
 =============  ==============================================================  =========
+
+A dictionary site feeds the network ``decode(z[..., :d_sae]) + z[..., d_sae:]`` with ``z = [encode(x), x -
+decode(encode(x))]``: the same output, and every method that reads, patches or differentiates a site works on
+latents and error components alike (an error node is the sum over its ``d_in`` components). Its layers are the
+layers its SAEs cover (:func:`site_layers`).
 """
 
 from __future__ import annotations
@@ -30,9 +37,30 @@ SITES: tuple[str, ...] = ("neurons", "mlp_out", "attn_out", "resid")
 
 
 def check_site(site: str) -> str:
+    if isinstance(site, str) and site.startswith(DICTIONARY_PREFIX):
+        dictionary_of(site)
+        return site
     if site not in SITES:
-        raise NeurontraceError(f"unknown site {site!r}; choose one of {', '.join(SITES)}")
+        raise NeurontraceError(f"unknown site {site!r}; choose one of {', '.join(SITES)}, or sae:DIR")
     return site
+
+
+DICTIONARY_PREFIX = "sae:"
+
+
+def dictionary_of(site: str):
+    """The :class:`~neurontrace.dictionaries.basis.DictionaryBasis` of a ``sae:DIR`` site, else None."""
+    if not (isinstance(site, str) and site.startswith(DICTIONARY_PREFIX)):
+        return None
+    from neurontrace.dictionaries.basis import load_basis
+
+    return load_basis(site[len(DICTIONARY_PREFIX) :])
+
+
+def site_layers(model: NeuronModel, site: str) -> list[int]:
+    """The layers a site exists at: every layer, or those a dictionary's SAEs cover."""
+    basis = dictionary_of(site)
+    return list(range(model.n_layers)) if basis is None else sorted(basis.saes)
 
 
 def site_module(model: NeuronModel, site: str, layer: int) -> tuple[nn.Module, bool]:
@@ -51,13 +79,43 @@ def site_module(model: NeuronModel, site: str, layer: int) -> tuple[nn.Module, b
 
 
 def site_width(model: NeuronModel, site: str) -> int:
+    basis = dictionary_of(site)
+    if basis is not None:
+        inner = site_width(model, basis.site)
+        if basis.d_in != inner:
+            raise NeurontraceError(
+                f"the dictionary reads {basis.d_in} values but the model's {basis.site} has {inner}"
+            )
+        return basis.d_sae + basis.d_in
     return model.d_ff if check_site(site) == "neurons" else model.d_model
 
 
 def hook_site(model: NeuronModel, site: str, layer: int, fn) -> object:
     """Register ``fn(tensor) -> tensor | None`` at a site; returns the removable handle."""
+    basis = dictionary_of(site)
+    if basis is not None:
+        return _hook_dictionary(model, basis, layer, fn)
     module, is_input = site_module(model, site, layer)
     return add_input_hook(module, fn) if is_input else add_output_hook(module, fn)
+
+
+def _hook_dictionary(model: NeuronModel, basis, layer: int, fn) -> object:
+    if layer not in basis.saes:
+        raise NeurontraceError(
+            f"the dictionary {basis.path} has no SAE for layer {layer}; it covers layers {sorted(basis.saes)}"
+        )
+    site_width(model, DICTIONARY_PREFIX + str(basis.path))  # the sizes fit the model
+    sae, d_sae = basis.saes[layer], basis.d_sae
+
+    def spliced(x: torch.Tensor) -> torch.Tensor:
+        dictionary = sae.to(device=x.device, dtype=x.dtype)
+        latents = dictionary.encode(x)
+        z = torch.cat([latents, x - dictionary.decode(latents)], dim=-1)
+        out = fn(z)
+        z = z if out is None else out
+        return dictionary.decode(z[..., :d_sae]) + z[..., d_sae:]
+
+    return hook_site(model, basis.site, layer, spliced)
 
 
 @dataclass

@@ -25,7 +25,7 @@ from neurontrace.attribution.replacement import RelPRules
 from neurontrace.attribution.result import SCHEMA_VERSION, AttributionResult
 from neurontrace.errors import NeurontraceError, TokenizationError
 from neurontrace.models.model import NeuronModel
-from neurontrace.sites import check_site, site_width
+from neurontrace.sites import check_site, site_layers, site_width
 from neurontrace.tokens import Batch, encode, pad_id_of, single_token_id, token_strings, tokenize_pairs
 
 AUTO_KEEP_ELEMENTS = 32_000_000  # keep per-example per-position scores up to this many floats (128 MB)
@@ -291,7 +291,7 @@ def attribute(
         metric = (
             "logit-diff" if examples[0].contrast is not None else ("logit" if examples[0].answer else "topk")
         )
-    layers = list(range(model.n_layers)) if layers is None else list(layers)
+    layers = site_layers(model, site) if layers is None else list(layers)
     for layer in layers:
         if not 0 <= layer < model.n_layers:
             raise NeurontraceError(
