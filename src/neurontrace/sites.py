@@ -99,12 +99,20 @@ def hook_site(model: NeuronModel, site: str, layer: int, fn) -> object:
     return add_input_hook(module, fn) if is_input else add_output_hook(module, fn)
 
 
+def _check_fits(model: NeuronModel, basis) -> None:
+    inner = site_width(model, basis.site)
+    if basis.d_in != inner:
+        raise NeurontraceError(
+            f"the dictionary reads {basis.d_in} values but the model's {basis.site} has {inner}"
+        )
+
+
 def _hook_dictionary(model: NeuronModel, basis, layer: int, fn) -> object:
     if layer not in basis.saes:
         raise NeurontraceError(
             f"the dictionary {basis.path} has no SAE for layer {layer}; it covers layers {sorted(basis.saes)}"
         )
-    site_width(model, DICTIONARY_PREFIX + str(basis.path))  # the sizes fit the model
+    _check_fits(model, basis)
     sae, d_sae = basis.saes[layer], basis.d_sae
 
     def spliced(x: torch.Tensor) -> torch.Tensor:

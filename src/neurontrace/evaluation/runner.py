@@ -173,6 +173,7 @@ def _one_curve(model, run, method, basis, seed, train, test, evalsets, out, prog
         )
     else:
         result_path = out / "attributions" / f"{key}.safetensors"
+        checkpoint = result_path.with_name(result_path.name + ".partial")
         if result_path.is_file():
             result = AttributionResult.load(result_path)
         else:
@@ -185,14 +186,14 @@ def _one_curve(model, run, method, basis, seed, train, test, evalsets, out, prog
                 batch_size=run.batch_size,
                 seed=seed,
                 progress=progress,
-                checkpoint=result_path.with_name(result_path.name + ".partial"),
+                checkpoint=checkpoint,
                 checkpoint_every_s=30.0,
                 keep_checkpoint=True,
             )
             if main:
                 result.save(result_path)
             distributed.barrier()
-            remove_checkpoint(result_path.with_name(result_path.name + ".partial"))  # once the result is safe
+            remove_checkpoint(checkpoint)  # once the result is safe
         scores = result.mean_scores if run.nodes == "per-position" else result.position_free
         if scores is None:
             raise NeurontraceError(

@@ -38,7 +38,7 @@ import torch
 
 from neurontrace.errors import NeurontraceError
 from neurontrace.graphs.build import EMBEDDING, LOGIT, NEURON, AttributionGraph, GraphNode
-from neurontrace.io import write_files_atomic, write_text_atomic
+from neurontrace.io import write_text_atomic
 from neurontrace.neurons import NeuronId
 
 SCHEMA_VERSION = 1
@@ -278,11 +278,6 @@ def feature_files(data: Mapping[str, Any], folder: str | Path) -> dict[Path, str
                 existing = None  # a damaged feature file of ours: written anew
         files[path] = json.dumps(feature_file(node, scan, existing))
     return files
-
-
-def write_feature_files(data: Mapping[str, Any], folder: str | Path) -> list[Path]:
-    """Write :func:`feature_files` (all of them, or none if one cannot be written)."""
-    return write_files_atomic(feature_files(data, folder))
 
 
 def normalise_q_params(q: Any) -> dict[str, Any]:
