@@ -17,7 +17,7 @@ from neurontrace.commands._common import model_from_args
 from neurontrace.commands.tasks import sva_task
 from neurontrace.errors import NeurontraceError
 from neurontrace.evaluation.report import write_report
-from neurontrace.evaluation.runner import EvaluationRun, run_evaluation
+from neurontrace.evaluation.runner import EvaluationRun, dictionary_fingerprint, is_dictionary, run_evaluation
 from neurontrace.tasks import FilterReport, filter_report, generate_sva, load_pairs, train_test_split
 from neurontrace.tasks.pairs import REASON_LENGTH
 
@@ -172,7 +172,11 @@ def run_evaluate(args: argparse.Namespace) -> None:
         levels=levels,
         scan_limit=args.scan_limit,
         extra={"pairs": data.kept},
+        error_nodes=args.error_nodes,
     )
+    dictionaries = {b: dictionary_fingerprint(b) for b in run.bases if is_dictionary(b)}
+    if dictionaries:
+        run.extra["dictionaries"] = dictionaries  # resuming with a retrained dictionary is another run
     run.validate()
     if args.fresh and distributed.is_main():
         _clear_for_fresh(out)  # after every argument was checked; only a folder neurontrace wrote
@@ -226,7 +230,17 @@ def add_evaluate_parser(sub, add_model_args) -> None:
         help="comma list of relp, atp, ig, ig-inputs, exact, delta, random",
     )
     p.add_argument(
-        "--bases", default="neurons,mlp-out,resid", help="comma list of neurons, mlp-out, resid, attn-out"
+        "--bases",
+        default="neurons,mlp-out,resid",
+        help="comma list of neurons, mlp-out, resid, attn-out, sae:DIR (SAELens folders, e.g. from "
+        "`neurontrace train-sae`) and transcoder:DIR (circuit-tracer transcoders)",
+    )
+    p.add_argument(
+        "--error-nodes",
+        default="count",
+        choices=["count", "keep", "ablate"],
+        help="a dictionary basis's error nodes (one per layer and position): count = nodes like any latent "
+        "(Marks et al.), keep = never ablated and not counted, ablate = always ablated and not counted",
     )
     p.add_argument("--ablation", default="mean", choices=["mean", "zero", "resample"])
     p.add_argument(

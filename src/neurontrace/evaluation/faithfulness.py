@@ -38,14 +38,19 @@ import torch
 
 from neurontrace import distributed
 from neurontrace.attribution.metrics import Metric, make_metric
-from neurontrace.circuits.selection import Circuit, random_circuit_like
+from neurontrace.circuits.selection import Circuit
 from neurontrace.errors import NeurontraceError
 from neurontrace.evaluation import intervals
 from neurontrace.models.model import NeuronModel
-from neurontrace.sites import capture, check_site, hook_site, site_width
+from neurontrace.sites import capture, check_site, hook_site, site_layers, site_width
 from neurontrace.tokens import Batch, single_token_id, tokenize_pairs
 
 ABLATIONS: tuple[str, ...] = ("mean", "zero", "resample")
+ERROR_NODES: tuple[str, ...] = ("count", "keep", "ablate")
+"""How a dictionary basis's error nodes (one per layer and position) enter a sweep: ``count`` (Marks et al.: a
+node like any latent, ranked by its score and counted in the circuit size), ``keep`` (never ablated, not
+counted: the dictionary's error is free) or ``ablate`` (always ablated outside the full model, not counted: the
+dictionary alone must carry the behaviour)."""
 LEVELS: tuple[float, ...] = (0.8, 0.9)
 GRIDS: tuple[str, ...] = ("log", "paper")
 SCAN_LIMIT = 64
@@ -79,10 +84,23 @@ class EvalSet:
         int | None
     )  # node positions of a per-position mask: the one token length (or slot count), else None
     forwards: int = 0  # forward passes run so far (for the cost accounting in tests and benchmarks)
+    latents: int | None = None  # a dictionary site: its latents come first, then the error components
 
     @property
     def n_examples(self) -> int:
         return self.n_total
+
+    @property
+    def node_width(self) -> int | None:
+        """Nodes per (layer, position) when a dictionary's error components are one node, else None."""
+        return None if self.latents is None else self.latents + 1
+
+    def nodes_of(self, scores: torch.Tensor) -> torch.Tensor:
+        """``scores`` over nodes: a dictionary site's error components summed into one error node per (layer,
+        position) (the last column); other sites' scores unchanged."""
+        if self.latents is None or scores.shape[-1] == self.node_width:
+            return scores
+        return group_error_nodes(scores, self.latents)
 
     def metric_values(self, keep: torch.Tensor | None) -> torch.Tensor:
         """Metric of every test example (``[n]``, float64) with every node outside ``keep`` ablated.
@@ -95,6 +113,8 @@ class EvalSet:
                 "per-position nodes need test prompts of one token length (so positions align); "
                 "use summed nodes (--nodes summed) for prompts of several lengths"
             )
+        if keep is not None and self.latents is not None and keep.shape[-1] == self.node_width:
+            keep = expand_error_nodes(keep, self.latents, site_width(self.model, self.site))
         out = torch.zeros(self.n_total, dtype=torch.float64)
         for eb in self.batches:
             with torch.no_grad(), ExitStack() as stack:
@@ -141,6 +161,27 @@ class EvalSet:
         return fn
 
 
+def group_error_nodes(scores: torch.Tensor, latents: int) -> torch.Tensor:
+    """``[..., latents + d_in]`` scores of a dictionary site -> ``[..., latents + 1]``: one error node (the sum of
+    its components' scores: ablating it ablates them together)."""
+    return torch.cat([scores[..., :latents], scores[..., latents:].sum(-1, keepdim=True)], dim=-1)
+
+
+def expand_error_nodes(keep: torch.Tensor, latents: int, width: int) -> torch.Tensor:
+    """A node mask ``[..., latents + 1]`` -> a site mask ``[..., width]`` (the error node's value on every error
+    component)."""
+    error = keep[..., latents:].expand(*keep.shape[:-1], width - latents)
+    return torch.cat([keep[..., :latents], error], dim=-1)
+
+
+def dictionary_latents(site: str) -> int | None:
+    """The number of latents of a dictionary site (its error components follow them), else None."""
+    from neurontrace.sites import dictionary_of
+
+    basis = dictionary_of(site)
+    return None if basis is None else basis.d_sae
+
+
 def _aligned_keys(t: int) -> torch.Tensor:
     """Aligned position of each of ``t`` positions of one prompt: 0 for the first token (a BOS token, or the
     first word, which models without BOS use as their attention sink), else 1 + distance from the last token
@@ -180,7 +221,7 @@ def prepare_eval(
         raise NeurontraceError(f"unknown ablation {ablation!r}; choose one of {', '.join(ABLATIONS)}")
     if not pairs:
         raise NeurontraceError("the test set is empty; give at least one pair")
-    layers = list(range(model.n_layers)) if layers is None else list(layers)
+    layers = site_layers(model, site) if layers is None else list(layers)
     get = lambda p, k: p[k] if isinstance(p, dict) else getattr(p, k)  # noqa: E731
     clean_all, patch_all = tokenize_pairs(
         model, [get(p, "clean_prefix") for p in pairs], [get(p, "patch_prefix") for p in pairs]
@@ -263,11 +304,13 @@ def prepare_eval(
     if ablation == "mean":
         sums, counts = distributed.all_reduce_sum(sums), distributed.all_reduce_sum(counts)
         mean = (sums / counts.clamp_min(1)[:, None, None]).float()
+    latents = dictionary_latents(site)
     if slot_maps is not None:
         n_slots = 1 + max(max(m) for m in slot_maps)
-        return EvalSet(model, site, layers, ablation, batches, mean, n, n_slots)
+        return EvalSet(model, site, layers, ablation, batches, mean, n, n_slots, latents=latents)
     one_length = len(set(lengths)) == 1
-    return EvalSet(model, site, layers, ablation, batches, mean, n, lengths[0] if one_length else None)
+    width = lengths[0] if one_length else None
+    return EvalSet(model, site, layers, ablation, batches, mean, n, width, latents=latents)
 
 
 # ------------------------------------------------------------------ curves
@@ -457,15 +500,45 @@ def top_k_circuit(
     return Circuit(flat.view(like.shape), list(layers), site, {"top_k": k})
 
 
-class _Measurer:
-    """Measures top-k circuits of one ranking, each size once, keeping every example's metric."""
+def error_node_mask(evalset: EvalSet, like: torch.Tensor, error_nodes: str) -> torch.Tensor:
+    """Which nodes of ``like`` (node scores) a sweep ranks and counts: all but a dictionary's error nodes when
+    they are kept or ablated outright (:data:`ERROR_NODES`)."""
+    if error_nodes not in ERROR_NODES:
+        raise NeurontraceError(
+            f"unknown error-node rule {error_nodes!r}; choose one of {', '.join(ERROR_NODES)}"
+        )
+    free = torch.ones(like.shape, dtype=torch.bool)
+    if evalset.latents is not None and error_nodes != "count":
+        free[..., evalset.latents :] = False
+    return free
 
-    def __init__(self, evalset: EvalSet, scores: torch.Tensor, *, random_control: bool, seed: int) -> None:
+
+class _Measurer:
+    """Measures top-k circuits of one ranking, each size once, keeping every example's metric.
+
+    Only the ``free`` nodes are ranked, counted and drawn for the random control; the others (a dictionary's
+    error nodes under ``keep``/``ablate``) are kept (``fixed=True``) or ablated in every circuit, complement and
+    the empty circuit alike.
+    """
+
+    def __init__(
+        self,
+        evalset: EvalSet,
+        scores: torch.Tensor,
+        *,
+        random_control: bool,
+        seed: int,
+        free: torch.Tensor | None = None,
+        fixed: bool = False,
+    ) -> None:
         self.evalset, self.scores, self.random_control = evalset, scores, random_control
-        self.order = ranking(scores)
+        self.free = torch.ones(scores.shape, dtype=torch.bool) if free is None else free
+        self.fixed = fixed
+        order = ranking(scores)
+        self.order = order[self.free.flatten()[order]]
         self.generator = torch.Generator().manual_seed(seed)
         model = evalset.metric_values(None)
-        empty = evalset.metric_values(torch.zeros_like(scores, dtype=torch.bool))
+        empty = evalset.metric_values(self.with_fixed(torch.zeros_like(scores, dtype=torch.bool)))
         self.f_model, self.f_empty = float(model.mean()), float(empty.mean())
         self.denom = self.f_model - self.f_empty
         if abs(self.denom) < 1e-8:
@@ -478,9 +551,26 @@ class _Measurer:
             "random": {},
         }
 
+    def with_fixed(self, mask: torch.Tensor) -> torch.Tensor:
+        """``mask`` on the free nodes, the fixed value elsewhere."""
+        return torch.where(self.free, mask, torch.tensor(self.fixed))
+
     def top_k(self, k: int) -> Circuit:
         ev = self.evalset
-        return top_k_circuit(self.order, k, self.scores, layers=ev.layers, site=ev.site)
+        circuit = top_k_circuit(self.order, k, self.scores, layers=ev.layers, site=ev.site)
+        circuit.mask = self.with_fixed(circuit.mask)
+        return circuit
+
+    def complement(self, circuit: Circuit) -> torch.Tensor:
+        return self.with_fixed(~circuit.mask)
+
+    def random_like(self, k: int) -> torch.Tensor:
+        """A random circuit of ``k`` free nodes (the random-nodes control; with every node free, the draw of
+        :func:`~neurontrace.circuits.selection.random_circuit_like`)."""
+        free = self.free.flatten().nonzero().flatten()
+        flat = torch.zeros(self.scores.numel(), dtype=torch.bool)
+        flat[free[torch.randperm(free.numel(), generator=self.generator)[:k]]] = True
+        return self.with_fixed(flat.view(self.scores.shape))
 
     def normalise(self, values: list[float]) -> float:
         return (sum(values) / len(values) - self.f_empty) / self.denom
@@ -499,10 +589,9 @@ class _Measurer:
         key = str(k)
         if key not in self.samples["complement"]:
             circuit = self.top_k(k)
-            self.samples["complement"][key] = self.evalset.metric_values(~circuit.mask).tolist()
+            self.samples["complement"][key] = self.evalset.metric_values(self.complement(circuit)).tolist()
             if self.random_control:
-                control = random_circuit_like(circuit, generator=self.generator)
-                self.samples["random"][key] = self.evalset.metric_values(control.mask).tolist()
+                self.samples["random"][key] = self.evalset.metric_values(self.random_like(k)).tolist()
         rand = self.samples["random"].get(key)
         return self.normalise(self.samples["complement"][key]), None if rand is None else self.normalise(rand)
 
@@ -551,17 +640,27 @@ def sweep(
     random_control: bool = True,
     seed: int = 0,
     progress: bool = False,
+    error_nodes: str = "count",
 ) -> Curve:
     """Faithfulness/completeness over a threshold sweep of ``scores`` (``[L, T, w]`` or ``[L, w]``), then the
     exact circuit size at each of ``levels`` (see the module docstring), with bootstrap intervals.
 
+    On a dictionary site, ``scores`` may be per site dimension (latents, then error components: what
+    :func:`attribute` returns) or per node (latents, then one error node); ``error_nodes`` says how the error
+    nodes count (:data:`ERROR_NODES`). Sizes count the ranked nodes only.
+
     Launched distributed, every process must pass the same ``scores`` (as :func:`attribute` returns them): the
     circuits and the seeded random controls are then the same everywhere and only the metric sums are reduced.
     """
-    m = _Measurer(evalset, scores, random_control=random_control, seed=seed)
-    magnitude = scores.abs().float().flatten()
-    thresholds = default_thresholds(scores) if thresholds is None else list(thresholds)
-    curve = Curve(method, evalset.site, evalset.ablation, m.f_model, m.f_empty, scores.numel(), seed=seed)
+    scores = evalset.nodes_of(scores)
+    free = error_node_mask(evalset, scores, error_nodes)
+    m = _Measurer(
+        evalset, scores, random_control=random_control, seed=seed, free=free, fixed=error_nodes == "keep"
+    )
+    magnitude = scores.abs().float().flatten()[free.flatten()]
+    thresholds = default_thresholds(scores * free) if thresholds is None else list(thresholds)
+    n_free = int(free.sum())
+    curve = Curve(method, evalset.site, evalset.ablation, m.f_model, m.f_empty, n_free, seed=seed)
     iterator = thresholds
     if progress:
         from tqdm.auto import tqdm

@@ -210,6 +210,7 @@ METHOD_COLORS = {
     "random": "tab:gray",
 }
 BASIS_STYLES = {"neurons": "-", "mlp_out": "--", "resid": ":", "attn_out": "-."}
+DICTIONARY_STYLES = {"sae": (0, (5, 1, 1, 1)), "transcoder": (0, (1, 1))}  # basis labels sae-NAME, transcoder-NAME
 
 
 def _band(
@@ -256,7 +257,7 @@ def plot_curves(curves: Sequence[Curve], path: str | Path, *, title: str = "") -
         hi_x = min(max(p.n_nodes for p in c.points) for c in group)
         xs = torch.tensor([x for x in sizes if lo_x <= x <= hi_x] or sizes[:1], dtype=torch.float64)
         color = METHOD_COLORS.get(method, "tab:purple")
-        ls = BASIS_STYLES.get(basis, "-")
+        ls = BASIS_STYLES.get(basis, DICTIONARY_STYLES.get(basis.split("-")[0], "-"))
         label = f"{method} / {basis}"
         for ax, kind in ((ax_f, "faithfulness"), (ax_c, "completeness")):
             mean, lo, hi = _band(group, xs, kind)

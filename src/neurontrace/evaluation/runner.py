@@ -28,23 +28,61 @@ from neurontrace.attribution.result import AttributionResult
 from neurontrace.errors import NeurontraceError
 from neurontrace.evaluation.faithfulness import (
     ABLATIONS,
+    ERROR_NODES,
     GRIDS,
     LEVELS,
     SCAN_LIMIT,
     Curve,
     EvalSet,
+    error_node_mask,
     prepare_eval,
     sweep,
     thresholds_for,
 )
 from neurontrace.io import write_bytes_atomic, write_text_atomic
 from neurontrace.models.model import NeuronModel
+from neurontrace.sites import check_site
 from neurontrace.tasks.slots import slot_map
 
 NODES: tuple[str, ...] = ("per-position", "summed", "slots")
 """Node alignment: (layer, token position, unit); (layer, unit) at every position; (layer, template slot, unit)."""
 
 BASES: dict[str, str] = {"neurons": "neurons", "mlp-out": "mlp_out", "resid": "resid", "attn-out": "attn_out"}
+DICTIONARY_BASES: tuple[str, ...] = ("sae:", "transcoder:")
+"""Bases given as ``sae:DIR`` or ``transcoder:DIR``: a dictionary's latents and error nodes."""
+
+
+def is_dictionary(basis: str) -> bool:
+    return basis.startswith(DICTIONARY_BASES)
+
+
+def site_of_basis(basis: str) -> str:
+    """The site a basis name stands for (a dictionary basis is its own site)."""
+    return basis if is_dictionary(basis) else BASES[basis]
+
+
+def dictionary_fingerprint(basis: str) -> str:
+    """SHA-256 over a dictionary folder's weight and config files (a retrained dictionary is another run)."""
+    import hashlib
+
+    folder = Path(basis.partition(":")[2]).expanduser()
+    digest = hashlib.sha256()
+    for f in sorted(folder.rglob("*")):
+        if f.is_file() and f.suffix in (".safetensors", ".json", ".yaml", ".yml"):
+            digest.update(str(f.relative_to(folder)).encode())
+            with f.open("rb") as fh:
+                for block in iter(lambda fh=fh: fh.read(1 << 20), b""):
+                    digest.update(block)
+    return digest.hexdigest()
+
+
+def basis_label(basis: str) -> str:
+    """A short name for file names and reports: ``sae:runs/smollm2/mlp`` -> ``sae-mlp``."""
+    if not is_dictionary(basis):
+        return basis
+    kind, _, path = basis.partition(":")
+    name = Path(path.rstrip("/")).name or "dictionary"
+    return f"{kind}-" + "".join(c if c.isalnum() or c in "-_." else "-" for c in name)
 
 
 @dataclass
@@ -68,6 +106,7 @@ class EvaluationRun:
     levels: list[float] = field(default_factory=lambda: list(LEVELS))
     scan_limit: int = SCAN_LIMIT
     extra: dict[str, Any] = field(default_factory=dict)
+    error_nodes: str = "count"  # how a dictionary basis's error nodes count (faithfulness.ERROR_NODES)
 
     @property
     def seed_list(self) -> list[int]:
@@ -78,8 +117,22 @@ class EvaluationRun:
             if m not in METHODS:
                 raise NeurontraceError(f"unknown method {m!r}; choose from {', '.join(METHODS)}")
         for b in self.bases:
-            if b not in BASES:
-                raise NeurontraceError(f"unknown basis {b!r}; choose from {', '.join(BASES)}")
+            if not (b in BASES or is_dictionary(b)):
+                raise NeurontraceError(
+                    f"unknown basis {b!r}; choose from {', '.join(BASES)}, sae:DIR or transcoder:DIR"
+                )
+            if is_dictionary(b):
+                check_site(b)  # the folder exists and holds a dictionary
+        labels = [basis_label(b) for b in self.bases]
+        if len(set(labels)) != len(labels):
+            raise NeurontraceError(
+                f"two bases share the name {max(labels, key=labels.count)!r}; give the dictionaries folders "
+                "of different names"
+            )
+        if self.error_nodes not in ERROR_NODES:
+            raise NeurontraceError(
+                f"unknown error-node rule {self.error_nodes!r}; choose from {', '.join(ERROR_NODES)}"
+            )
         if self.ablation not in ABLATIONS:
             raise NeurontraceError(f"unknown ablation {self.ablation!r}; choose from {', '.join(ABLATIONS)}")
         if self.nodes not in NODES:
@@ -94,7 +147,10 @@ class EvaluationRun:
             raise NeurontraceError("--levels must be faithfulness levels such as 0.8,0.9")
 
     def to_dict(self) -> dict[str, Any]:
-        return dict(self.__dict__)
+        data = dict(self.__dict__)
+        if not any(is_dictionary(b) for b in self.bases):
+            del data["error_nodes"]  # no dictionary: the rule is moot (and older results folders resume)
+        return data
 
 
 def run_evaluation(
@@ -160,8 +216,8 @@ def run_evaluation(
 
 def _one_curve(model, run, method, basis, seed, train, test, evalsets, out, progress, log, main) -> Curve:
     """Attribute (or load the saved attribution), then sweep one curve (or load it when done already)."""
-    site = BASES[basis]
-    key = f"{method}-{basis}-seed{seed}"
+    site = site_of_basis(basis)
+    key = f"{method}-{basis_label(basis)}-seed{seed}"
     curve_path = out / "curves" / f"{key}.json"
     if curve_path.is_file():
         log(f"  {key}: done already (resumed)")
@@ -214,15 +270,20 @@ def _one_curve(model, run, method, basis, seed, train, test, evalsets, out, prog
     evalset = evalsets[site]
     forwards = evalset.forwards
     start = time.perf_counter()
+    scores = evalset.nodes_of(
+        scores
+    )  # a dictionary's error components -> one error node per (layer, position)
+    ranked = scores * error_node_mask(evalset, scores, run.error_nodes)
     curve = sweep(
         evalset,
         scores,
         method=method,
-        thresholds=thresholds_for(scores, grid=run.grid, points=run.points),
+        thresholds=thresholds_for(ranked, grid=run.grid, points=run.points),
         levels=run.levels,
         scan_limit=run.scan_limit,
         seed=seed,
         progress=progress,
+        error_nodes=run.error_nodes,
     )
     curve.meta = {
         "attribution_seconds": t_attr,
@@ -234,6 +295,10 @@ def _one_curve(model, run, method, basis, seed, train, test, evalsets, out, prog
         "n_test": len(test),
         "test_cases": [getattr(p, "case", None) for p in test],  # in the order of the per-example samples
     }
+    if is_dictionary(basis):
+        curve.basis = basis_label(basis)
+        curve.meta["dictionary"] = basis
+        curve.meta["error_nodes"] = run.error_nodes
     if main:
         write_text_atomic(curve_path, curve.to_json())
     found = []
