@@ -23,6 +23,7 @@ import torch
 from neurontrace.attribution.engine import frozen_parameters, run_sites
 from neurontrace.attribution.metrics import make_metric
 from neurontrace.attribution.replacement import RelPRules, _promote, replacement_model
+from neurontrace.evaluation.faithfulness import dictionary_latents
 from neurontrace.hooks import add_output_hook
 from neurontrace.memory import (
     MAX_CHUNK,
@@ -34,15 +35,18 @@ from neurontrace.memory import (
     edge_bytes_per_target,
 )
 from neurontrace.models.model import NeuronModel
-from neurontrace.sites import hook_site
+from neurontrace.sites import check_site, hook_site, site_layers
 from neurontrace.tokens import single_token_id, token_strings
 
-NEURON, EMBEDDING, LOGIT = "neuron", "embedding", "logit"
+NEURON, EMBEDDING, LOGIT, ERROR = "neuron", "embedding", "logit", "error"
+"""Node kinds. ``neuron`` is a unit of the graph's basis (a neuron, or a dictionary latent); ``error`` is a
+dictionary's error term at one (layer, position), a source only (as in circuit-tracer)."""
 
 
 @dataclass
 class GraphNode:
-    """One node. ``index`` is the neuron index for neurons and the token id for embeddings and logits."""
+    """One node. ``index`` is the unit index for neurons (latents), the token id for embeddings and logits, and
+    -1 for error nodes."""
 
     kind: str
     layer: int  # -1 for embeddings, n_layers for logits
@@ -139,6 +143,7 @@ def build_graph(
     rules: RelPRules | None = None,
     chunk_size: int | None = None,
     progress: bool = False,
+    site: str = "neurons",
 ) -> AttributionGraph:
     """Build the attribution graph of one prompt.
 
@@ -146,11 +151,16 @@ def build_graph(
     probability reaches ``logit_mass``). The metric ``m`` is the probability-weighted sum of the target logits; the
     neurons kept are those with ``|a * dm/da| >= node_threshold * |m|`` (RelP, zero baseline), at most
     ``max_nodes`` of the largest.
+
+    ``site`` may be a dictionary (``sae:DIR``, ``transcoder:DIR``): its latents are then the units, selected the
+    same way, and its error term at every (layer, position) is one more source node (kind ``error``).
     """
     rules = rules or RelPRules()
+    check_site(site)
     batch = model.tokenize(prompt)
     T = batch.width
-    layers = list(range(model.n_layers))
+    layers = site_layers(model, site)
+    latents = dictionary_latents(site)  # a dictionary site: latents, then error components
     with torch.no_grad():
         clean_logits = model.forward(batch, logits_to_keep=1).logits[0, -1]
     target_ids, target_probs = select_targets(
@@ -168,32 +178,42 @@ def build_graph(
 
     metric = make_metric("custom", fn=weighted_logits)
     with frozen_parameters(model):
-        run = run_sites(model, batch, metric, site="neurons", layers=layers, rules=rules)
+        run = run_sites(model, batch, metric, site=site, layers=layers, rules=rules)
         grads = torch.autograd.grad(run.metric.sum(), [run.acts[layer] for layer in layers])
     m = float(run.metric[0].detach())
     # per layer to the CPU first: a device map may spread the layers over devices
     acts = torch.stack([run.acts[layer][0].detach().float().cpu() for layer in layers])  # [L, T, d]
     scores = acts * torch.stack([g[0].float().cpu() for g in grads])
-    flat = scores.flatten().abs()
+    units = scores if latents is None else scores[..., :latents]  # error components are not selected alone
+    d = units.shape[-1]
+    flat = units.flatten().abs()
     keep = (flat >= node_threshold * abs(m)).nonzero().flatten()
     if max_nodes is not None and keep.numel() > max_nodes:
         keep = keep[flat[keep].topk(max_nodes).indices]
-    d = model.d_ff
     chosen = sorted((int(i) // (T * d), (int(i) // d) % T, int(i) % d) for i in keep)
 
     tokens = token_strings(model, batch.ids(0))
     nodes = [GraphNode(EMBEDDING, -1, p, int(batch.input_ids[0, p]), 0.0, token=tokens[p]) for p in range(T)]
-    for layer, pos, unit in chosen:
+    for li, pos, unit in chosen:
         nodes.append(
-            GraphNode(NEURON, layer, pos, unit, float(acts[layer, pos, unit]), float(scores[layer, pos, unit]),
+            GraphNode(NEURON, layers[li], pos, unit, float(acts[li, pos, unit]), float(scores[li, pos, unit]),
                       token=tokens[pos])
         )  # fmt: skip
+    if latents is not None:  # every error term, as circuit-tracer keeps them: activation = its norm
+        errors = scores[..., latents:].sum(-1)  # [L, T]
+        norms = acts[..., latents:].norm(dim=-1)
+        for li, layer in enumerate(layers):
+            for pos in range(T):
+                nodes.append(GraphNode(ERROR, layer, pos, -1, float(norms[li, pos]), float(errors[li, pos]),
+                                       token=tokens[pos]))  # fmt: skip
     for tid, w, p in zip(target_ids, weights.tolist(), target_probs.tolist(), strict=True):
         nodes.append(
             GraphNode(LOGIT, model.n_layers, T - 1, tid, float(clean_logits[tid]), w, model.token_str(tid), p)
         )
 
-    adjacency = direct_effects(model, batch, nodes, rules=rules, chunk_size=chunk_size, progress=progress)
+    adjacency = direct_effects(
+        model, batch, nodes, rules=rules, chunk_size=chunk_size, progress=progress, site=site
+    )
     meta = {
         "model": model.name,
         "family": model.adapter.family,
@@ -205,7 +225,10 @@ def build_graph(
         "max_nodes": max_nodes,
         "rules": rules.to_dict(),
         "neurons_above_threshold": int((flat >= node_threshold * abs(m)).sum()),
+        "site": site,
     }
+    if latents is not None:
+        meta["d_sae"] = latents
     return AttributionGraph(prompt, tokens, batch.ids(0), nodes, adjacency, meta)
 
 
@@ -217,9 +240,15 @@ def direct_effects(
     rules: RelPRules,
     chunk_size: int | None = None,
     progress: bool = False,
+    site: str = "neurons",
 ) -> torch.Tensor:
-    """The ``[N, N]`` matrix of direct effects between ``nodes`` (row: target, column: source)."""
-    layers = list(range(model.n_layers))
+    """The ``[N, N]`` matrix of direct effects between ``nodes`` (row: target, column: source).
+
+    Every layer's ``site`` tensor is cut (a detached leaf feeds the network), so an edge never passes through
+    another unit of the basis. An error node's edge is the sum over its components.
+    """
+    layers = site_layers(model, site)
+    latents = dictionary_latents(site)
     live: dict[int, torch.Tensor] = {}
     leaves: dict[int, torch.Tensor] = {}
     embeds: list[torch.Tensor] = []
@@ -239,7 +268,7 @@ def direct_effects(
 
     with frozen_parameters(model), replacement_model(model, rules) as rep:
         handles = [add_output_hook(model.embed, on_embed)]
-        handles += [hook_site(model, "neurons", layer, swap(layer)) for layer in layers]
+        handles += [hook_site(model, site, layer, swap(layer)) for layer in layers]
         try:
             with torch.enable_grad():
                 logits = rep.logits(model.forward(batch, logits_to_keep=1))[0, -1]
@@ -249,6 +278,7 @@ def direct_effects(
         e = embeds[0]
         index = {n.key: i for i, n in enumerate(nodes)}
         neuron_nodes = [(i, n) for i, n in enumerate(nodes) if n.kind == NEURON]
+        error_nodes = [(i, n) for i, n in enumerate(nodes) if n.kind == ERROR]
         target_rows = [i for i, n in enumerate(nodes) if n.kind in (NEURON, LOGIT)]
         values = []
         for i in target_rows:
@@ -256,9 +286,12 @@ def direct_effects(
             values.append(live[n.layer][0, n.position, n.index] if n.kind == NEURON else logits[n.index])
         # on one device (layers may sit on several) and in float32 (the seeds of the batched backward)
         targets = torch.stack([_promote(v.to(logits.device)) for v in values])
-        source_layers = sorted({n.layer for _, n in neuron_nodes})
+        source_layers = sorted({n.layer for _, n in neuron_nodes + error_nodes})
         inputs = [e] + [leaves[layer] for layer in source_layers]
         by_layer = {layer: [(i, n) for i, n in neuron_nodes if n.layer == layer] for layer in source_layers}
+        errors_by_layer = {
+            layer: [(i, n) for i, n in error_nodes if n.layer == layer] for layer in source_layers
+        }
         N = len(nodes)
         adjacency = torch.zeros(N, N)
         k = _chunk_size(model, batch.width, len(source_layers), chunk_size)
@@ -291,11 +324,19 @@ def direct_effects(
                 if g is None:
                     continue
                 members = by_layer[layer]
-                pos = torch.tensor([n.position for _, n in members])
-                unit = torch.tensor([n.index for _, n in members])
                 leaf = leaves[layer].detach()[0]
-                w = (_promote(leaf[pos, unit])[None] * _promote(g[:, 0, pos, unit])).float().cpu()  # [K, n]
-                adjacency[rows_t[:, None], torch.tensor([i for i, _ in members])[None, :]] = w
+                if members:
+                    pos = torch.tensor([n.position for _, n in members])
+                    unit = torch.tensor([n.index for _, n in members])
+                    w = (
+                        (_promote(leaf[pos, unit])[None] * _promote(g[:, 0, pos, unit])).float().cpu()
+                    )  # [K, n]
+                    adjacency[rows_t[:, None], torch.tensor([i for i, _ in members])[None, :]] = w
+                if errors_by_layer[layer]:
+                    pos = torch.tensor([n.position for _, n in errors_by_layer[layer]])
+                    contrib = _promote(leaf[pos, latents:])[None] * _promote(g[:, 0, pos, latents:])
+                    columns = torch.tensor([i for i, _ in errors_by_layer[layer]])
+                    adjacency[rows_t[:, None], columns[None, :]] = contrib.sum(-1).float().cpu()  # [K, n]
             # free this chunk's gradients before the next VJP: kept, they doubled the peak (two chunks alive)
             grads = g_e = g = None
     return adjacency
