@@ -127,3 +127,37 @@ def test_incoming_edges_with_error_nodes_sum_to_the_target(tmp_path):
             handle.remove()
     ids = [graph.nodes[i].index for i in logits]
     torch.testing.assert_close(total, (full - biases)[ids].float(), rtol=1e-3, atol=1e-4)
+
+
+def test_graph_command_on_a_dictionary_writes_files_both_frontends_read(tmp_path, capsys):
+    import json
+
+    from conftest import save_tiny_folder
+
+    from neurontrace.cli import main
+    from neurontrace.graphs.export import from_circuit_tracer, validate_circuit_tracer
+
+    folder = save_tiny_folder(tmp_path / "model")
+    model = make_tiny("llama")
+    basis = _dictionary(model, tmp_path, "mlp_out", "topk")
+    out = tmp_path / "graphs"
+    argv = ["graph", "--model", folder, "--prompt", PROMPT, "--site", basis, "--out", str(out)]
+    assert main(argv) == 0
+    data = json.loads((out / "graph.json").read_text())
+    validate_circuit_tracer(data)  # our schema
+    pytest.importorskip("circuit_tracer")
+    from circuit_tracer.frontend.graph_models import Model
+
+    Model(**data)  # circuit-tracer's own graph-file model
+    types = {n["feature_type"] for n in data["nodes"]}
+    assert "mlp reconstruction error" in types
+    latents = [n for n in data["nodes"] if n.get("unit") == "sae latent"]
+    assert latents and all(n["clerp"].startswith(f"L{n['layer']}/F") for n in latents)
+    ids = [n["node_id"] for n in data["nodes"]]
+    assert len(ids) == len(set(ids))
+    back = from_circuit_tracer(data)
+    assert sum(n.kind == ERROR for n in back.nodes) == sum(
+        n["feature_type"] == "mlp reconstruction error" for n in data["nodes"]
+    )
+    assert main([*argv[:-2], "--site", "sae:/no/such", "--out", str(tmp_path / "x")]) == 2
+    assert "no such dictionary folder" in capsys.readouterr().err

@@ -36,9 +36,11 @@ def read_prompts(path: str) -> list[str]:
 def run_graph(args: argparse.Namespace) -> None:
     from neurontrace.graphs.export import index_entry, update_graph_index
     from neurontrace.graphs.many import build_graphs
+    from neurontrace.sites import check_site
 
     if not 0 < args.node_fraction <= 1 or not 0 < args.edge_fraction <= 1:
         raise NeurontraceError("--node-fraction and --edge-fraction must be in (0, 1]")
+    check_site(args.site)  # a dictionary folder that is not there stops before the model loads
     if (args.prompt is None) == (args.prompts is None):
         raise NeurontraceError("give either --prompt (one graph) or --prompts FILE (one graph a line)")
     slug = args.slug or "graph"
@@ -72,6 +74,7 @@ def run_graph(args: argparse.Namespace) -> None:
         node_threshold=args.node_threshold,
         max_nodes=args.max_nodes,
         progress=args.prompt is not None and distributed.is_main(),
+        site=args.site,
     ):
         _write_graph(model, graph, args, out, slugs[index], time.perf_counter() - start, siblings)
         start = time.perf_counter()
@@ -115,10 +118,14 @@ def _write_graph(
         else prune_graph(graph, node_fraction=args.node_fraction, edge_fraction=args.edge_fraction)
     )
 
-    describe = graph_node_describer(
-        model, [n for n in pruned.nodes if n.kind == NEURON], corpus=args.contexts,
-        max_tokens=args.contexts_tokens, progress=args.contexts is not None,
-    )  # fmt: skip
+    describe = (
+        None  # a dictionary's latents have no neuron description (their decoder rows are not described yet)
+    )
+    if args.site == "neurons":
+        describe = graph_node_describer(
+            model, [n for n in pruned.nodes if n.kind == NEURON], corpus=args.contexts,
+            max_tokens=args.contexts_tokens, progress=args.contexts is not None,
+        )  # fmt: skip
 
     data = to_circuit_tracer(pruned, slug=slug, describe=describe, scan=args.scan)
     groups = []
@@ -183,6 +190,12 @@ def add_graph_parser(sub, add_model_args) -> None:
         "--node-threshold", type=float, default=0.005, help="keep neurons with |a*dm/da| >= this * m"
     )
     p.add_argument("--max-nodes", type=int, default=2000, help="most neuron nodes")
+    p.add_argument(
+        "--site",
+        default="neurons",
+        help="the graph's basis: neurons (default), or a dictionary sae:DIR / transcoder:DIR (its latents are "
+        "the nodes, with one error node per layer and position)",
+    )
     p.add_argument(
         "--node-fraction",
         type=float,

@@ -210,7 +210,10 @@ METHOD_COLORS = {
     "random": "tab:gray",
 }
 BASIS_STYLES = {"neurons": "-", "mlp_out": "--", "resid": ":", "attn_out": "-."}
-DICTIONARY_STYLES = {"sae": (0, (5, 1, 1, 1)), "transcoder": (0, (1, 1))}  # basis labels sae-NAME, transcoder-NAME
+DICTIONARY_STYLES = {
+    "sae": (0, (5, 1, 1, 1)),
+    "transcoder": (0, (1, 1)),
+}  # basis labels sae-NAME, transcoder-NAME
 
 
 def _band(

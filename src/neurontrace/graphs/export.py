@@ -14,7 +14,11 @@ circuit-tracer JSON, written so that circuit-tracer's own frontend and its graph
   pruned neurons have ``influence <= metadata.node_threshold``, which is the largest influence of a kept neuron
   (the fraction the pruning reached, at least ``--node-fraction``): the frontend's default shows every one;
 - ``reverse_ctx_idx`` 0 and ``metadata.transcoder_list`` ``[]``, as circuit-tracer writes them;
-- neuron details in the fields the frontend's panel reads: ``top_logit_effects`` / ``bottom_logit_effects``.
+- neuron details in the fields the frontend's panel reads: ``top_logit_effects`` / ``bottom_logit_effects``;
+- a graph on a dictionary basis (``graph --site sae:DIR``): latents are feature nodes with ``unit`` ``sae latent``
+  (or ``transcoder latent``) and clerp ``L{layer}/F{index}``; error terms are circuit-tracer's ``mlp
+  reconstruction error`` nodes, ``feature`` -1, node id ``err_{layer}_{pos}`` and ``jsNodeId``
+  ``err_{layer}-{pos}`` (circuit-tracer's own ``0_{layer}_{pos}`` would collide with layer-0 feature ids).
 
 Extra keys (``attribution``, ``token``, ``index``, ``influence_raw``, ``unit``, ``top_contexts``) and
 ``metadata.neurontrace`` carry everything needed to load the graph back without loss. :func:`feature_file` gives
@@ -37,7 +41,7 @@ from typing import Any
 import torch
 
 from neurontrace.errors import NeurontraceError
-from neurontrace.graphs.build import EMBEDDING, LOGIT, NEURON, AttributionGraph, GraphNode
+from neurontrace.graphs.build import EMBEDDING, ERROR, LOGIT, NEURON, AttributionGraph, GraphNode
 from neurontrace.io import write_text_atomic
 from neurontrace.neurons import NeuronId
 
@@ -45,7 +49,7 @@ SCHEMA_VERSION = 1
 SCHEMA_PATH = Path(__file__).with_name("schema") / "attribution-graph.v1.schema.json"
 NEURON_TYPE = "cross layer transcoder"  # circuit-tracer's feature-node type
 ERROR_TYPES = ("mlp reconstruction error",)
-_FEATURE_TYPES = {NEURON: NEURON_TYPE, EMBEDDING: "embedding", LOGIT: "logit"}
+_FEATURE_TYPES = {NEURON: NEURON_TYPE, EMBEDDING: "embedding", LOGIT: "logit", ERROR: ERROR_TYPES[0]}
 _KINDS = {NEURON_TYPE: NEURON, "mlp neuron": NEURON, "unexplored node": NEURON, "embedding": EMBEDDING,
           "logit": LOGIT}  # fmt: skip
 FEATURES_PREFIX = (
@@ -58,6 +62,8 @@ def cantor(layer: int, index: int) -> int:
 
 
 def node_id(node: GraphNode, n_layers: int) -> str:
+    if node.kind == ERROR:
+        return f"err_{node.layer}_{node.position}"
     if node.kind == NEURON:
         return f"{node.layer}_{node.index}_{node.position}"
     if node.kind == EMBEDDING:
@@ -67,6 +73,8 @@ def node_id(node: GraphNode, n_layers: int) -> str:
 
 def js_node_id(node: GraphNode) -> str:
     """circuit-tracer's ``jsNodeId``: ``{layer}_{index}-0``, ``E_{token_id}-{pos}``, ``L_{token_id}-{pos}``."""
+    if node.kind == ERROR:
+        return f"err_{node.layer}-{node.position}"
     if node.kind == NEURON:
         return f"{node.layer}_{node.index}-0"
     if node.kind == EMBEDDING:
@@ -113,13 +121,19 @@ def to_circuit_tracer(
     :func:`default_scan` of the model (feature files fetched offline); give a Neuronpedia model id to upload.
     """
     L = graph.n_layers
+    site = str(graph.meta.get("site", "neurons"))
+    unit = "mlp neuron" if ":" not in site else f"{site.split(':')[0]} latent"
     cumulative = _cumulative_influence(graph)
     nodes = []
     first_logit = next((i for i, n in enumerate(graph.nodes) if n.kind == LOGIT), None)
     for i, n in enumerate(graph.nodes):
-        if n.kind == NEURON:
+        if n.kind == NEURON and unit != "mlp neuron":
+            clerp, layer, feature = f"L{n.layer}/F{n.index}", str(n.layer), cantor(n.layer, n.index)
+        elif n.kind == NEURON:
             clerp = str(NeuronId(n.layer, n.index, NeuronId.polarity(n.activation)))
             layer, feature = str(n.layer), cantor(n.layer, n.index)
+        elif n.kind == ERROR:
+            clerp, layer, feature = f"Err L{n.layer}@{n.position}", str(n.layer), -1
         elif n.kind == EMBEDDING:
             clerp, layer, feature = f"Emb: {n.token!r}", "E", n.position
         else:
@@ -144,7 +158,7 @@ def to_circuit_tracer(
             "influence_raw": n.influence,
         }
         if n.kind == NEURON:
-            node["unit"] = "mlp neuron"
+            node["unit"] = unit
             if describe is not None:
                 node.update(describe(n))
         node.update(n.extra)
@@ -364,7 +378,7 @@ def import_graph_json(data: Any) -> dict[str, Any]:
     return out
 
 
-_NODE_ID = re.compile(r"^(E|\d+)_(\d+)_(\d+)$")
+_NODE_ID = re.compile(r"^(E|\d+|err)_(\d+)_(\d+)$")
 _CORE_KEYS = {
     "node_id", "feature", "layer", "ctx_idx", "feature_type", "jsNodeId", "clerp", "influence", "activation",
     "token_prob", "is_target_logit", "run_idx", "reverse_ctx_idx", "attribution", "token", "index",
@@ -383,13 +397,15 @@ def from_circuit_tracer(data: dict[str, Any]) -> AttributionGraph:
             match = _NODE_ID.match(raw["node_id"])
             if match is None:
                 raise NeurontraceError(f"node id {raw['node_id']!r} is not of the form layer_index_position")
-            if raw["feature_type"] in ERROR_TYPES:
+            if raw["feature_type"] in ERROR_TYPES and match[1] != "err":
                 raise NeurontraceError(
-                    f"node {raw['node_id']} is a {raw['feature_type']} node, which a neuron-basis graph has not: "
-                    "open circuit-tracer graphs with `neurontrace view FILE.json`"
+                    f"node {raw['node_id']} is a circuit-tracer {raw['feature_type']} node, which neurontrace's "
+                    "graphs name err_LAYER_POS: open circuit-tracer graphs with `neurontrace view FILE.json`"
                 )
-            kind = _KINDS.get(raw["feature_type"], NEURON)
+            kind = ERROR if match[1] == "err" else _KINDS.get(raw["feature_type"], NEURON)
             layer = -1 if kind == EMBEDDING else int(match[1]) if kind == NEURON else n_layers
+            if kind == ERROR:
+                layer = int(match[2])
             if kind == LOGIT and not n_layers:
                 n_layers = int(match[1]) - 1
                 layer = n_layers
@@ -399,7 +415,7 @@ def from_circuit_tracer(data: dict[str, Any]) -> AttributionGraph:
                 kind=kind,
                 layer=layer,
                 position=int(raw["ctx_idx"]),
-                index=int(raw.get("index", match[2])),
+                index=int(raw.get("index", -1 if kind == ERROR else match[2])),
                 activation=float(raw["activation"] or 0.0),
                 attribution=float(raw.get("attribution", 0.0)),
                 token=token,
