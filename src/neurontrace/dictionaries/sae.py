@@ -143,7 +143,7 @@ class SAE:
 def _read_cfg(cfg: dict[str, Any]) -> tuple[str, int | None, str, bool, dict]:
     """(architecture, k, hook_name, apply_b_dec_to_input, metadata) from either cfg.json layout."""
     meta = dict(cfg.get("metadata") or {})
-    hook = meta.get("hook_name") or cfg.get("hook_name")
+    hook = meta.get("hook_name") or cfg.get("hook_name") or cfg.get("hook_point")  # hook_point: older SAELens
     if not isinstance(hook, str):
         raise NeurontraceError("cfg.json names no hook point (metadata.hook_name or hook_name)")
     arch = cfg.get("architecture", "standard")
@@ -156,7 +156,13 @@ def _read_cfg(cfg: dict[str, Any]) -> tuple[str, int | None, str, bool, dict]:
             f"cfg.json asks for normalize_activations={cfg['normalize_activations']!r}, which neurontrace does not "
             "apply; fold the scaling into the weights first"
         )
-    return arch, k, hook, bool(cfg.get("apply_b_dec_to_input", False)), {**meta, "hook_name": hook}
+    if cfg.get("rescale_acts_by_decoder_norm"):
+        raise NeurontraceError(
+            "cfg.json asks for rescale_acts_by_decoder_norm, which neurontrace does not apply; fold the decoder "
+            "norms into the weights first"
+        )
+    # SAELens defaults apply_b_dec_to_input to true when a cfg.json leaves it out (both layouts)
+    return arch, k, hook, bool(cfg.get("apply_b_dec_to_input", True)), {**meta, "hook_name": hook}
 
 
 def load_sae(path: str | os.PathLike) -> SAE:
@@ -207,7 +213,12 @@ def save_sae(sae: SAE, path: str | os.PathLike) -> Path:
         "apply_b_dec_to_input": sae.apply_b_dec_to_input,
         "normalize_activations": "none",
         "reshape_activations": "none",
-        "metadata": {**sae.metadata, "hook_name": hook_of_site(sae.site, sae.layer)},
+        # without a sae_lens_version of 6 or later SAELens reads the file as its older layout and drops metadata
+        "metadata": {
+            "sae_lens_version": "6.0.0",
+            **sae.metadata,
+            "hook_name": hook_of_site(sae.site, sae.layer),
+        },
     }
     if sae.architecture == "topk":
         cfg["k"] = sae.k
