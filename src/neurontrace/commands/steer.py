@@ -51,6 +51,12 @@ def add_steer_parser(
         help="neurons to steer, e.g. 'L12/N345,L20/N7@-1' (@pos pins one prompt position)",
     )
     p.add_argument("--mode", default="scale", choices=MODES, help="scale (multiply), set, add, or patch")
+    p.add_argument(
+        "--site",
+        default="neurons",
+        help="the basis the units belong to: neurons (default), mlp_out, attn_out, resid, or a dictionary "
+        "sae:DIR / transcoder:DIR (then L5/N3 is latent 3 of layer 5)",
+    )
     p.add_argument("--value", type=float, default=0.0, help="the multiplier / value (unused by patch)")
     p.add_argument("--from-prompt", help="patch: the prompt whose activations are patched in")
     p.add_argument(
@@ -149,7 +155,10 @@ def run_steer(args: argparse.Namespace) -> None:
         raise NeurontraceError("--plot draws a sweep; give --sweep VALUES too, e.g. --sweep 0,0.5,1,2,4")
     if args.sweep and args.mode == "patch":
         raise NeurontraceError("--sweep varies the value; use --mode scale, set or add")
+    from neurontrace.sites import check_site
+
     neurons = parse_neurons(args.neurons)
+    check_site(args.site)
     answers = _answers(args.answers)
     values = _floats(args.sweep) if args.sweep else None
     model = model_from_args(args)
@@ -163,11 +172,18 @@ def run_steer(args: argparse.Namespace) -> None:
         answers=answers,
         top=args.top,
         generate=args.generate,
+        site=args.site,
     )
     swept = None
     if values is not None:
         swept = sweep(
-            model, prompt=args.prompt, neurons=neurons, values=values, mode=args.mode, answers=answers
+            model,
+            prompt=args.prompt,
+            neurons=neurons,
+            values=values,
+            mode=args.mode,
+            answers=answers,
+            site=args.site,
         )
         if args.plot:
             swept.plot(args.plot)

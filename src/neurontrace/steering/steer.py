@@ -38,7 +38,7 @@ from neurontrace.interventions import Edit, intervene
 from neurontrace.io import JsonResult, write_bytes_atomic
 from neurontrace.models.model import NeuronModel
 from neurontrace.neurons import NeuronId, check_neuron
-from neurontrace.sites import capture
+from neurontrace.sites import capture, site_layers, site_width
 from neurontrace.tokens import Batch, pad_id_of, single_token_id, token_strings
 
 SCHEMA_VERSION = 1
@@ -130,13 +130,24 @@ class SweepResult(JsonResult):
 
 
 # ----------------------------------------------------------------------------------------------- edits
-def check_neurons(model: NeuronModel, neurons: Sequence[NeuronId]) -> list[NeuronId]:
-    """The neurons as a list, or a clear error if none is given or one does not exist in ``model``."""
+def check_neurons(model: NeuronModel, neurons: Sequence[NeuronId], site: str = "neurons") -> list[NeuronId]:
+    """The neurons as a list, or a clear error if none is given or one does not exist in ``model``.
+
+    On another site (``mlp_out``, ``sae:DIR``...) ``L5/N3`` names unit 3 of layer 5's site (a dictionary's
+    latent 3)."""
     neurons = list(neurons)
     if not neurons:
         raise NeurontraceError("no neurons given; name them as L<layer>/N<index>, e.g. L5/N123")
+    if site == "neurons":
+        for n in neurons:
+            check_neuron(model, n)
+        return neurons
+    layers, width = site_layers(model, site), site_width(model, site)
     for n in neurons:
-        check_neuron(model, n)
+        if n.layer not in layers or not 0 <= n.index < width:
+            raise NeurontraceError(
+                f"{n} does not exist at site {site}: it has layers {layers[0]}..{layers[-1]} and {width} units"
+            )
     return neurons
 
 
@@ -174,6 +185,7 @@ def steering_edits(
     value: float = 0.0,
     source: Batch | None = None,
     extra_columns: int = 0,
+    site: str = "neurons",
 ) -> list[Edit]:
     """The :class:`Edit` list that steers ``neurons`` on a prompt of ``prompt_length`` tokens.
 
@@ -185,7 +197,7 @@ def steering_edits(
     generation steps run; generated tokens are not patched (the source has no values there).
     """
     check_mode(mode, value, has_source=source is not None)
-    neurons = check_neurons(model, neurons)
+    neurons = check_neurons(model, neurons, site)
     src_acts = None
     if mode == "patch":
         src_len = int(source.lengths[0])
@@ -196,7 +208,8 @@ def steering_edits(
                 f"{prompt_length} tokens, from_prompt: {src_len}); pin positions with @pos (e.g. "
                 f"{NeuronId(unpinned[0].layer, unpinned[0].index)}@-1) to patch across lengths"
             )
-        src_acts = capture(model, source, layers=sorted({n.layer for n in neurons}), keep_logits=False)
+        layers = sorted({n.layer for n in neurons})
+        src_acts = capture(model, source, sites=site, layers=layers, keep_logits=False)
 
     groups: dict[tuple[int, int | None], list[int]] = {}
     sources: dict[tuple[int, int | None], list[float]] = {}
@@ -209,13 +222,17 @@ def steering_edits(
         if src_acts is not None and pos is not None:
             src_pos = _absolute(n, src_len, "from_prompt")
             src_col = source.column(0, src_pos)
-            sources.setdefault(key, []).append(float(src_acts.get(n.layer)[0, src_col, n.index]))
+            sources.setdefault(key, []).append(float(src_acts.get(n.layer, site)[0, src_col, n.index]))
 
     edits = []
     for (layer, pos), indices in groups.items():
         positions = None if pos is None else [pos]
         if mode != "patch":
-            edits.append(Edit(layer=layer, neurons=indices, positions=positions, op=mode, value=float(value)))
+            edits.append(
+                Edit(
+                    layer=layer, neurons=indices, positions=positions, op=mode, value=float(value), site=site
+                )
+            )
         elif pos is not None:
             edits.append(
                 Edit(
@@ -224,15 +241,21 @@ def steering_edits(
                     positions=positions,
                     op="set",
                     value=torch.tensor(sources[(layer, pos)]),
+                    site=site,
                 )
             )
         else:
-            acts = source.unpad(src_acts.get(layer), 0)[None]  # [1, T, d_ff]
+            acts = source.unpad(src_acts.get(layer, site), 0)[None]  # [1, T, width]
             if extra_columns:
                 acts = torch.cat([acts, acts.new_zeros(1, extra_columns, acts.shape[-1])], dim=1)
             edits.append(
                 Edit(
-                    layer=layer, neurons=indices, positions=list(range(prompt_length)), op="patch", value=acts
+                    layer=layer,
+                    neurons=indices,
+                    positions=list(range(prompt_length)),
+                    op="patch",
+                    value=acts,
+                    site=site,
                 )
             )
     return edits
@@ -304,6 +327,7 @@ def steer(
     answers: Sequence[str] = (),
     top: int = 10,
     generate: int = 0,
+    site: str = "neurons",
 ) -> SteerResult:
     """Steer ``neurons`` on ``prompt`` and report the next-token distribution before and after.
 
@@ -313,10 +337,11 @@ def steer(
     value is read at the same prompt-relative position of ``from_prompt`` (``@-1``: its last token), so the
     lengths may differ. ``answers`` are single tokens whose probability and logit change is reported. With
     ``generate > 0`` also the greedy continuation of that many tokens, unsteered and steered. Positions and
-    polarity: see the module docstring.
+    polarity: see the module docstring. ``site`` steers units of another basis (e.g. a dictionary's latents,
+    ``sae:DIR``) instead of neurons.
     """
     check_mode(mode, value, has_source=from_prompt is not None)
-    neurons = check_neurons(model, neurons)
+    neurons = check_neurons(model, neurons, site)
     if top < 1:
         raise NeurontraceError("top must be at least 1")
     if generate < 0:
@@ -333,6 +358,7 @@ def steer(
         value=value,
         source=source,
         extra_columns=generate,
+        site=site,
     )
     before = model.logits(batch)[0, -1]
     check_finite(before, "next-token logits")
@@ -377,6 +403,7 @@ def sweep(
     values: Sequence[float],
     mode: Mode = "scale",
     answers: Sequence[str] = (),
+    site: str = "neurons",
 ) -> SweepResult:
     """Answer probabilities for each steering ``value`` (one forward each); see :meth:`SweepResult.plot`.
 
@@ -390,7 +417,7 @@ def sweep(
         raise NeurontraceError("no sweep values given; pass e.g. values=[0, 0.5, 1, 2, 4]")
     for v in values:
         check_mode(mode, v, has_source=False)
-    neurons = check_neurons(model, neurons)
+    neurons = check_neurons(model, neurons, site)
     batch = model.tokenize(prompt)
     before = model.logits(batch)[0, -1]
     check_finite(before, "next-token logits")
@@ -402,7 +429,7 @@ def sweep(
         answers = token_strings(model, answer_ids)
     probs, logits, tops = [], [], []
     for v in values:
-        edits = steering_edits(model, neurons, prompt_length=batch.width, mode=mode, value=v)
+        edits = steering_edits(model, neurons, prompt_length=batch.width, mode=mode, value=v, site=site)
         with intervene(model, edits):
             after = model.logits(batch)[0, -1]
         check_finite(after, f"next-token logits at value {v}")
