@@ -83,3 +83,22 @@ def test_the_cli_attributes_through_a_dictionary(tmp_path, capsys):
     assert main([*argv, "--site", f"sae:{tmp_path / 'sae'}", "--top", "3", "--verify", "3"]) == 0
     out = capsys.readouterr().out
     assert "L1/N" in out and "exact" in out  # the top units, checked by exact patching through the splice
+
+
+@pytest.mark.parametrize("layer", [0, 2])
+def test_relp_conservation_holds_with_error_nodes_counted(model, tmp_path, layer):
+    """Zero baseline, bias-free Llama, every RelP rule on: the residual stream after a layer carries the whole
+    input, so its RelP scores sum to the logit; through a dictionary there (decoder bias 0) the latents plus the
+    error nodes hold that same total, and the latents alone do not."""
+    from neurontrace.tokens import single_token_id
+
+    d = site_width(model, "resid")
+    sae = random_sae(d, 3 * d, "resid", layer, "topk")
+    sae.b_dec.zero_()
+    save_sae(sae, tmp_path / "sae")
+    prompt = "the keys to the cabinet"
+    got = attribute(model, prompt=prompt, answer=" are", method="relp", site=f"sae:{tmp_path / 'sae'}")
+    logit = float(model.logits(model.tokenize(prompt))[0, -1, single_token_id(model, " are")])
+    assert float(got.scores.sum()) == pytest.approx(logit, rel=1e-5)
+    latents_only = float(got.scores[..., : sae.d_sae].sum())
+    assert abs(latents_only - logit) > 1e-3 * abs(logit)  # the error nodes carry a share
