@@ -2,7 +2,7 @@
 
 An identity SAE (encoder and decoder the identity, ReLU) splits each dimension x into relu(x) (a latent) and
 min(x, 0) (the error): both see the same gradient, so a latent's score plus its error component's score is the
-raw site's score, exactly, for AtP and RelP alike (the split is linear in x on each side of 0).
+raw site's score, exactly, for AtP, RelP and IG alike (the split is linear in x on each side of 0).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from test_sae import random_sae
 from neurontrace.attribution.api import attribute
 from neurontrace.dictionaries import SAE, save_sae
 from neurontrace.errors import NeurontraceError
-from neurontrace.sites import site_layers, site_width
+from neurontrace.sites import capture, site_layers, site_width
 from neurontrace.tasks.pairs import Pair
 
 PAIRS = [
@@ -34,7 +34,7 @@ def identity_sae(d: int, site: str, layer: int) -> SAE:
     return SAE(eye.clone(), torch.zeros(d), eye.clone(), torch.zeros(d), site, layer)
 
 
-@pytest.mark.parametrize("method", ["atp", "relp"])
+@pytest.mark.parametrize("method", ["atp", "relp", "ig"])
 @pytest.mark.parametrize("site", ["resid", "mlp_out", "neurons"])
 def test_identity_dictionary_scores_add_up_to_the_raw_site(model, tmp_path, method, site):
     d = site_width(model, site)
@@ -102,3 +102,44 @@ def test_relp_conservation_holds_with_error_nodes_counted(model, tmp_path, layer
     assert float(got.scores.sum()) == pytest.approx(logit, rel=1e-5)
     latents_only = float(got.scores[..., : sae.d_sae].sum())
     assert abs(latents_only - logit) > 1e-3 * abs(logit)  # the error nodes carry a share
+
+
+def test_exact_patching_of_a_latent_is_the_hand_edit(model, tmp_path):
+    """Identity SAE on resid: patching latent j (relu of x_j) to its counterfactual value sets x_j to
+    relu(x'_j) + min(x_j, 0) and leaves everything else alone."""
+    from neurontrace.hooks import add_output_hook
+    from neurontrace.tokens import tokenize_pairs
+
+    d = site_width(model, "resid")
+    save_sae(identity_sae(d, "resid", 1), tmp_path / "sae")
+    pair = PAIRS[0]
+    got = attribute(model, pairs=[pair], method="exact", site=f"sae:{tmp_path / 'sae'}")
+    clean, patch = tokenize_pairs(model, [pair.clean_prefix], [pair.patch_prefix])
+    x_clean = capture(model, clean, sites="resid", layers=[1]).get(1, "resid")
+    x_patch = capture(model, patch, sites="resid", layers=[1]).get(1, "resid")
+    answer, contrast = (model.tokenizer.convert_tokens_to_ids(model.tokenizer.tokenize(a))[0]
+                        for a in (pair.clean_answer, pair.patch_answer))  # fmt: skip
+
+    def metric(hook=None) -> float:
+        handle = None if hook is None else add_output_hook(model.layer(1), hook)
+        try:
+            logits = model.logits(clean)[0, -1]
+        finally:
+            if handle is not None:
+                handle.remove()
+        return float(logits[answer] - logits[contrast])
+
+    base = metric()
+    checked = 0
+    for pos, j in [(4, 0), (4, 7), (2, 3), (1, 11)]:
+        new = torch.relu(x_patch[0, pos, j]) + torch.clamp(x_clean[0, pos, j], max=0)
+
+        def edit(y, pos=pos, j=j, new=new):
+            y = y.clone()
+            y[0, pos, j] = new
+            return y
+
+        expected = metric(edit) - base
+        assert float(got.scores[0, 0, pos, j]) == pytest.approx(expected, abs=1e-5)
+        checked += abs(expected) > 1e-6
+    assert checked >= 2
