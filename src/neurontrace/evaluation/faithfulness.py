@@ -42,7 +42,14 @@ from neurontrace.circuits.selection import Circuit
 from neurontrace.errors import NeurontraceError
 from neurontrace.evaluation import intervals
 from neurontrace.models.model import NeuronModel
-from neurontrace.sites import capture, check_site, hook_site, site_layers, site_width
+from neurontrace.sites import (
+    capture,
+    check_site,
+    dictionary_latents,
+    hook_site,
+    site_layers,
+    site_width,
+)
 from neurontrace.tokens import Batch, single_token_id, tokenize_pairs
 
 ABLATIONS: tuple[str, ...] = ("mean", "zero", "resample")
@@ -172,14 +179,6 @@ def expand_error_nodes(keep: torch.Tensor, latents: int, width: int) -> torch.Te
     component)."""
     error = keep[..., latents:].expand(*keep.shape[:-1], width - latents)
     return torch.cat([keep[..., :latents], error], dim=-1)
-
-
-def dictionary_latents(site: str) -> int | None:
-    """The number of latents of a dictionary site (its error components follow them), else None."""
-    from neurontrace.sites import dictionary_of
-
-    basis = dictionary_of(site)
-    return None if basis is None else basis.d_sae
 
 
 def _aligned_keys(t: int) -> torch.Tensor:

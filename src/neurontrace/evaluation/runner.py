@@ -65,7 +65,10 @@ def dictionary_fingerprint(basis: str) -> str:
     """SHA-256 over a dictionary folder's weight and config files (a retrained dictionary is another run)."""
     import hashlib
 
-    folder = Path(basis.partition(":")[2]).expanduser()
+    from neurontrace.dictionaries.hub import resolve_dictionary
+
+    spec = basis.partition(":")[2]
+    folder = Path(resolve_dictionary(spec) if spec.startswith("hf:") else spec).expanduser()
     digest = hashlib.sha256()
     for f in sorted(folder.rglob("*")):
         if f.is_file() and f.suffix in (".safetensors", ".json", ".yaml", ".yml"):

@@ -23,7 +23,6 @@ import torch
 from neurontrace.attribution.engine import frozen_parameters, run_sites
 from neurontrace.attribution.metrics import make_metric
 from neurontrace.attribution.replacement import RelPRules, _promote, replacement_model
-from neurontrace.evaluation.faithfulness import dictionary_latents
 from neurontrace.hooks import add_output_hook
 from neurontrace.memory import (
     MAX_CHUNK,
@@ -35,7 +34,7 @@ from neurontrace.memory import (
     edge_bytes_per_target,
 )
 from neurontrace.models.model import NeuronModel
-from neurontrace.sites import check_site, hook_site, site_layers
+from neurontrace.sites import check_site, dictionary_latents, hook_site, site_layers
 from neurontrace.tokens import single_token_id, token_strings
 
 NEURON, EMBEDDING, LOGIT, ERROR = "neuron", "embedding", "logit", "error"
