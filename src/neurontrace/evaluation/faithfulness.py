@@ -18,6 +18,15 @@ bound). Grid sizes below the bracket all miss the level; sizes between them are 
 Every evaluated circuit keeps its metric per test example (``Curve.samples``), so each number gets a bootstrap
 95% interval (:mod:`.intervals`) without another forward pass.
 
+Several circuits share one forward pass (:meth:`EvalSet.metric_values_many`): each test batch is repeated along
+the batch dimension, one copy per circuit, and the ablation hooks apply a per-row mask. A sweep measures F(M) with
+F(∅), then every grid point's circuit, complement and random control in such passes; the upward scan evaluates
+the next sizes of the bracket together (and, on an accelerator, the bisection evaluates the probes of its next
+steps together). Sizes evaluated ahead of need are kept only when the one-circuit-per-pass search would have
+measured them, so a curve is the same, bit for bit, whatever the number of circuits per pass (on backends that
+compute every row of a batch independently of the batch size, as the CPU kernels do; GPU matmul kernels chosen
+by shape may differ in the last bits).
+
 Ablation values are computed once per test set (:class:`EvalSet`). Test prompts may have several token
 lengths: batches then hold one length each, and the mean-ablation value of a position is the counterfactual
 mean over the test prompts at the same *aligned position* (the first token with first tokens: a BOS token, or
@@ -32,6 +41,7 @@ import math
 from collections.abc import Sequence
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from typing import Any
 
 import torch
@@ -43,9 +53,11 @@ from neurontrace.errors import NeurontraceError
 from neurontrace.evaluation import intervals
 from neurontrace.models.model import NeuronModel
 from neurontrace.sites import (
+    TRANSCODER_PREFIX,
     capture,
     check_site,
     dictionary_latents,
+    dictionary_of,
     hook_site,
     site_layers,
     site_width,
@@ -61,7 +73,13 @@ dictionary alone must carry the behaviour)."""
 LEVELS: tuple[float, ...] = (0.8, 0.9)
 GRIDS: tuple[str, ...] = ("log", "paper")
 SCAN_LIMIT = 64
-"""Most forwards the linear scan of one level's bracket may take before the crossing is reported instead."""
+"""Most sizes the linear scan of one level's bracket may measure before the crossing is reported instead."""
+MAX_CIRCUITS: dict[str, int] = {"cpu": 8, "cuda": 16}
+"""Most circuits per forward pass by device type (others: ``cuda``'s). A CPU pass is compute-bound: a sweep of
+SmolLM2-135M on 32 test pairs takes 0.90x the CPU time with 2 circuits per pass, 0.86x with 4 and 0.82x with 8
+(one thread), while an accelerator runs one test batch far below its capacity (``benchmarks/bench_sweep.py``)."""
+MEMORY_SHARE = 0.25
+"""Share of the free memory the circuits of one pass may take (as :func:`neurontrace.memory.auto_batch_size`)."""
 
 
 @dataclass
@@ -90,8 +108,10 @@ class EvalSet:
     width: (
         int | None
     )  # node positions of a per-position mask: the one token length (or slot count), else None
-    forwards: int = 0  # forward passes run so far (for the cost accounting in tests and benchmarks)
+    forwards: int = 0  # circuit-forwards so far: circuits evaluated x test batches (see metric_values_many)
     latents: int | None = None  # a dictionary site: its latents come first, then the error components
+    passes: int = 0  # forward passes actually run (several circuits share one: metric_values_many)
+    max_circuits: int | None = None  # most circuits per forward pass; None: from the free memory
 
     @property
     def n_examples(self) -> int:
@@ -113,28 +133,51 @@ class EvalSet:
         """Metric of every test example (``[n]``, float64) with every node outside ``keep`` ablated.
 
         ``keep``: ``[L, T, w]`` (per-position nodes; needs one token length, or ``[L, S, w]`` over the slots
-        of an evaluation set made with ``slot_maps``) or ``[L, w]`` (a unit at every position) boolean; ``None`` runs the full model. Launched distributed, every process gets all values.
+        of an evaluation set made with ``slot_maps``) or ``[L, w]`` (a unit at every position) boolean; ``None``
+        runs the full model. Launched distributed, every process gets all values. One forward pass per test
+        batch (:meth:`metric_values_many` shares passes between circuits).
         """
-        if keep is not None and keep.dim() == 3 and (self.width is None or keep.shape[1] != self.width):
-            raise NeurontraceError(
-                "per-position nodes need test prompts of one token length (so positions align); "
-                "use summed nodes (--nodes summed) for prompts of several lengths"
-            )
-        if keep is not None and self.latents is not None and keep.shape[-1] == self.node_width:
-            keep = expand_error_nodes(keep, self.latents, site_width(self.model, self.site))
-        out = torch.zeros(self.n_total, dtype=torch.float64)
-        for eb in self.batches:
-            with torch.no_grad(), ExitStack() as stack:
-                if keep is not None:
-                    handles = [
-                        hook_site(self.model, self.site, layer, self._ablator(eb, li, keep))
-                        for li, layer in enumerate(self.layers)
-                        if not bool(keep[li].all())
-                    ]
-                    stack.callback(lambda handles=handles: [h.remove() for h in handles])
-                logits = self.model.forward(eb.batch, logits_to_keep=1).logits
-            self.forwards += 1
-            out[eb.rows] = eb.metric(logits).detach().double().cpu()
+        return self.metric_values_many([keep], circuits_per_pass=1)[0]
+
+    def metric_with(self, keep: torch.Tensor | None) -> float:
+        """Mean metric over the test examples with every node outside ``keep`` ablated (see
+        :meth:`metric_values`)."""
+        return float(self.metric_values(keep).mean())
+
+    def metric_values_many(
+        self, keeps: Sequence[torch.Tensor | None], *, circuits_per_pass: int | None = None
+    ) -> list[torch.Tensor]:
+        """:meth:`metric_values` of every mask of ``keeps``, up to ``circuits_per_pass`` circuits (default
+        :meth:`circuits_per_pass`) in one forward pass of each test batch.
+
+        The batch is repeated along the batch dimension, one copy per circuit, and each ablation hook gives every
+        row its circuit's mask (per position ``[L, T, w]``, summed ``[L, w]`` or slots ``[L, S, w]``; a
+        dictionary site's error nodes expanded to their components). A layer that a circuit keeps whole is left
+        as it is for that circuit's rows (on a dictionary site, the site's own value, not the dictionary's
+        splice), as :meth:`metric_values` leaves it unhooked. Masks of different shapes go in different passes.
+
+        Accounting: :attr:`forwards` grows by one per circuit and test batch (the forwards of one circuit per
+        pass, whatever the batching), :attr:`passes` by one per forward pass run. Launched distributed, the
+        values of all circuits are reduced together, once per call.
+        """
+        if not keeps:
+            return []
+        keeps = [self._site_mask(k) for k in keeps]
+        per_pass = self.circuits_per_pass() if circuits_per_pass is None else int(circuits_per_pass)
+        if per_pass < 1:
+            raise NeurontraceError("circuits per forward pass must be at least 1")
+        shapes = list(dict.fromkeys(tuple(k.shape) for k in keeps if k is not None))
+        groups: dict[tuple | None, list[int]] = {}
+        for i, keep in enumerate(keeps):  # the full model (None) goes with the first shape
+            shape = (shapes[0] if shapes else None) if keep is None else tuple(keep.shape)
+            groups.setdefault(shape, []).append(i)
+        out = torch.zeros(len(keeps), self.n_total, dtype=torch.float64)
+        for members in groups.values():
+            for start in range(0, len(members), per_pass):
+                chunk = members[start : start + per_pass]
+                values = self._run_pass([keeps[i] for i in chunk])
+                for i, v in zip(chunk, values, strict=True):
+                    out[i] = v
         if distributed.world().size > 1:
             out = distributed.all_reduce_sum(out)
         if torch.isnan(out).any():
@@ -142,30 +185,129 @@ class EvalSet:
                 "the metric is NaN on some test examples under this ablation; check the model's precision "
                 "(try --dtype float32) and the ablation"
             )
+        return list(out.unbind(0))
+
+    def circuits_per_pass(self) -> int:
+        """Circuits one forward pass evaluates: :attr:`max_circuits` when set, else as many as fit in
+        :data:`MEMORY_SHARE` of the free memory of the model's device (:func:`neurontrace.memory.available_bytes`;
+        each circuit adds a copy of the largest test batch), at most :data:`MAX_CIRCUITS` of the device type.
+        This process's count: launched distributed, a sweep takes the smallest over the processes."""
+        if self.max_circuits is not None:
+            if self.max_circuits < 1:
+                raise NeurontraceError("max_circuits must be at least 1")
+            return int(self.max_circuits)
+        from neurontrace.memory import available_bytes
+
+        device = torch.device(self.model.device)
+        cap = MAX_CIRCUITS.get(device.type, MAX_CIRCUITS["cuda"])
+        one = max((self._circuit_bytes(eb) for eb in self.batches), default=1)
+        budget = int(available_bytes(device) * MEMORY_SHARE)
+        return int(max(1, min(cap, budget // max(1, one))))
+
+    def _circuit_bytes(self, eb: EvalBatch) -> int:
+        """Working memory one circuit adds to a forward pass of ``eb`` without gradients (bytes; an estimate
+        that errs high): per token, the MLP's hidden activations, the hooked site and its replacement, the
+        residual-stream tensors and one row of attention weights per head; per row, the last position's
+        logits."""
+        model = self.model
+        itemsize = torch.empty((), dtype=model.dtype).element_size()
+        rows, t = eb.batch.size, eb.batch.width
+        heads = getattr(model.config, "num_attention_heads", None) or 1
+        width = site_width(model, self.site)
+        per_token = 4 * model.d_ff + 3 * width + 6 * model.d_model + heads * t
+        return int(rows * (t * per_token * itemsize + 8 * model.vocab_size))
+
+    def _site_mask(self, keep: torch.Tensor | None) -> torch.Tensor | None:
+        """A node mask checked against the test set and, on a dictionary site, expanded to its components."""
+        if keep is None:
+            return None
+        if keep.dim() == 3 and (self.width is None or keep.shape[1] != self.width):
+            raise NeurontraceError(
+                "per-position nodes need test prompts of one token length (so positions align); "
+                "use summed nodes (--nodes summed) for prompts of several lengths"
+            )
+        if self.latents is not None and keep.shape[-1] == self.node_width:
+            keep = expand_error_nodes(keep, self.latents, site_width(self.model, self.site))
+        return keep
+
+    def _raw_site(self) -> str | None:
+        """A dictionary site's underlying model site (where its splice is hooked), else None."""
+        if self.latents is None:
+            return None
+        if self.site.startswith(TRANSCODER_PREFIX):
+            return "mlp_out"  # a transcoder replaces the MLP module's output
+        return dictionary_of(self.site).site
+
+    def _run_pass(self, keeps: list[torch.Tensor | None]) -> list[torch.Tensor]:
+        """This process's metric values (``[n]`` each, other processes' examples 0) of ``keeps`` (site masks of
+        one shape, or None), all in one forward pass of every test batch."""
+        m = len(keeps)
+        hooked = []  # (layer index, [m, ...] masks, [m] whether each circuit keeps the layer whole)
+        for li in range(len(self.layers)):
+            cols = [None if k is None else k[li] for k in keeps]
+            full = torch.tensor([c is None or bool(c.all()) for c in cols])
+            if bool(full.all()):
+                continue
+            like = next(c for c in cols if c is not None)
+            hooked.append((li, torch.stack([torch.ones_like(like) if c is None else c for c in cols]), full))
+        raw = self._raw_site() if hooked else None
+        out = [torch.zeros(self.n_total, dtype=torch.float64) for _ in range(m)]
+        for eb in self.batches:
+            b = eb.batch.size
+            batch = eb.batch
+            if m > 1:
+                prompts = None if batch.prompts is None else batch.prompts * m
+                batch = Batch(batch.input_ids.repeat(m, 1), batch.attention_mask.repeat(m, 1), prompts)
+            with torch.no_grad(), ExitStack() as stack:
+                handles: list = []
+                stack.callback(lambda handles=handles: [h.remove() for h in handles])
+                for li, masks, full in hooked:
+                    layer = self.layers[li]
+                    restore = raw is not None and bool(full.any())
+                    if restore:  # rows of circuits that keep the layer whole get the site's own value back
+                        saved: dict[str, torch.Tensor] = {}
+                        handles.append(hook_site(self.model, raw, layer, partial(_save, saved)))
+                    handles.append(hook_site(self.model, self.site, layer, self._ablator(eb, li, masks)))
+                    if restore:
+                        rows = full.repeat_interleave(b)
+                        handles.append(hook_site(self.model, raw, layer, partial(_restore, saved, rows)))
+                logits = self.model.forward(batch, logits_to_keep=1).logits
+            self.passes += 1
+            self.forwards += m
+            for c in range(m):
+                out[c][eb.rows] = eb.metric(logits[c * b : (c + 1) * b]).detach().double().cpu()
         return out
 
-    def metric_with(self, keep: torch.Tensor | None) -> float:
-        """Mean metric over the test examples with every node outside ``keep`` ablated (see
-        :meth:`metric_values`)."""
-        return float(self.metric_values(keep).mean())
-
-    def _ablator(self, eb: EvalBatch, li: int, keep: torch.Tensor):
-        keep_l = keep[li]  # [T, w] or [w]
-
-        if eb.node_pos is not None and keep_l.dim() == 2:
-            keep_l = keep_l[eb.node_pos]  # slots -> this batch's tokens
+    def _ablator(self, eb: EvalBatch, li: int, masks: torch.Tensor):
+        """The hook of layer ``li`` for a pass of ``len(masks)`` circuits: row block ``c`` of the repeated batch
+        keeps what ``masks[c]`` (``[T, w]``, ``[S, w]`` slots or ``[w]``) keeps and takes the ablation value
+        elsewhere."""
+        m = masks.shape[0]
+        if eb.node_pos is not None and masks.dim() == 3:
+            masks = masks[:, eb.node_pos]  # slots -> this batch's tokens
+        keep = masks[:, None] if masks.dim() == 3 else masks[:, None, None]  # [m, 1, T, w] or [m, 1, 1, w]
 
         def fn(x: torch.Tensor) -> torch.Tensor:
-            k = keep_l.to(x.device)
+            k = keep.to(x.device)
             if self.ablation == "zero":
                 replacement = torch.zeros((), dtype=x.dtype, device=x.device)
             elif self.ablation == "mean":
                 replacement = self.mean[eb.keys, li].to(x.device, x.dtype)  # [T, w]
             else:
                 replacement = eb.values[:, li].to(x.device, x.dtype)  # [B, T, w]
-            return torch.where(k, x, replacement)
+            rows = x.reshape(m, -1, *x.shape[1:])  # [m, B, T, w]: one block of rows per circuit
+            return torch.where(k, rows, replacement).reshape(x.shape)
 
         return fn
+
+
+def _save(saved: dict, x: torch.Tensor) -> None:
+    saved["x"] = x
+
+
+def _restore(saved: dict, rows: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    keep = rows.to(x.device).view(-1, *([1] * (x.dim() - 1)))
+    return torch.where(keep, saved.pop("x"), x)
 
 
 def group_error_nodes(scores: torch.Tensor, latents: int) -> torch.Tensor:
@@ -352,7 +494,10 @@ class LevelSize:
     n_nodes_ci: list[float] = field(default_factory=list)
     completeness_ci: list[float] = field(default_factory=list)
     random_ci: list[float] = field(default_factory=list)
-    forwards: int = 0  # forwards the search took (bisection probes and scan)
+    # the search's circuit-forwards (bisection probes, scan, complement and random control at the size) on this
+    # process's test batches: what one circuit per pass costs, the same whatever the batching (sizes evaluated
+    # ahead of need and then not used are left out; EvalSet.forwards counts them)
+    forwards: int = 0
 
 
 @dataclass
@@ -518,6 +663,11 @@ class _Measurer:
     Only the ``free`` nodes are ranked, counted and drawn for the random control; the others (a dictionary's
     error nodes under ``keep``/``ablate``) are kept (``fixed=True``) or ablated in every circuit, complement and
     the empty circuit alike.
+
+    Circuits go ``width`` to a forward pass (:meth:`EvalSet.metric_values_many`). Sizes the search evaluates
+    ahead of need wait in ``ahead`` and become samples only when the one-circuit-per-pass search would have
+    measured them (in the same order), so the samples, the random draws and ``kept`` (circuit-forwards of the
+    kept samples) do not depend on ``width``.
     """
 
     def __init__(
@@ -529,6 +679,8 @@ class _Measurer:
         seed: int,
         free: torch.Tensor | None = None,
         fixed: bool = False,
+        width: int | None = None,
+        speculate: bool | None = None,
     ) -> None:
         self.evalset, self.scores, self.random_control = evalset, scores, random_control
         self.free = torch.ones(scores.shape, dtype=torch.bool) if free is None else free
@@ -536,8 +688,13 @@ class _Measurer:
         order = ranking(scores)
         self.order = order[self.free.flatten()[order]]
         self.generator = torch.Generator().manual_seed(seed)
-        model = evalset.metric_values(None)
-        empty = evalset.metric_values(self.with_fixed(torch.zeros_like(scores, dtype=torch.bool)))
+        self.width = _agreed_width(evalset.circuits_per_pass() if width is None else width)
+        if speculate is None:
+            speculate = torch.device(evalset.model.device).type != "cpu"
+        self.speculate = speculate
+        self.ahead: dict[int, torch.Tensor] = {}
+        self.kept = 0
+        model, empty = self.evaluate([None, self.with_fixed(torch.zeros_like(scores, dtype=torch.bool))])
         self.f_model, self.f_empty = float(model.mean()), float(empty.mean())
         self.denom = self.f_model - self.f_empty
         if abs(self.denom) < 1e-8:
@@ -549,6 +706,14 @@ class _Measurer:
             "complement": {},
             "random": {},
         }
+        self.kept = 2 * len(evalset.batches)
+
+    def evaluate(self, masks: list[torch.Tensor | None]) -> list[torch.Tensor]:
+        return self.evalset.metric_values_many(masks, circuits_per_pass=self.width)
+
+    def keep(self, kind: str, k: int, values: torch.Tensor) -> None:
+        self.samples[kind][str(k)] = values.tolist()
+        self.kept += len(self.evalset.batches)
 
     def with_fixed(self, mask: torch.Tensor) -> torch.Tensor:
         """``mask`` on the free nodes, the fixed value elsewhere."""
@@ -577,26 +742,107 @@ class _Measurer:
     def measured(self, k: int) -> bool:
         return str(k) in self.samples["circuit"]
 
+    def known(self, k: int) -> bool:
+        """Whether F(top-k) is measured or waiting in ``ahead``."""
+        return self.measured(k) or k in self.ahead
+
+    def reaches(self, k: int, level: float) -> bool:
+        """Whether a known size reaches ``level`` (without making it a sample)."""
+        if self.measured(k):
+            return self.circuit(k) >= level
+        return self.normalise(self.ahead[k].tolist()) >= level
+
+    def prefetch(self, sizes: list[int]) -> None:
+        """Evaluate the top-k circuits of ``sizes`` (unknown ones) together, into ``ahead``."""
+        sizes = [k for k in dict.fromkeys(sizes) if not self.known(k)]
+        for k, values in zip(sizes, self.evaluate([self.top_k(k).mask for k in sizes]), strict=True):
+            self.ahead[k] = values
+
     def circuit(self, k: int) -> float:
-        """Faithfulness of the top-k circuit."""
+        """Faithfulness of the top-k circuit (measured now, or taken from ``ahead``, and kept)."""
         if not self.measured(k):
-            self.samples["circuit"][str(k)] = self.evalset.metric_values(self.top_k(k).mask).tolist()
+            values = self.ahead.pop(k) if k in self.ahead else self.evaluate([self.top_k(k).mask])[0]
+            self.keep("circuit", k, values)
         return self.normalise(self.samples["circuit"][str(k)])
 
+    def grid(self, sizes: list[int]) -> None:
+        """Circuit, complement and random control of every size, ``width`` sizes at a time (``3 width``
+        circuits: three full passes); random circuits are drawn in the order of ``sizes``, as one
+        size at a time would draw them."""
+        for start in range(0, len(sizes), self.width):
+            chunk = sizes[start : start + self.width]
+            masks: list[torch.Tensor] = []
+            slots: list[tuple[str, int]] = []
+            for k in chunk:
+                if not self.known(k):
+                    masks.append(self.top_k(k).mask)
+                    slots.append(("circuit", k))
+            for k in chunk:
+                if str(k) not in self.samples["complement"]:
+                    masks.append(self.complement(self.top_k(k)))
+                    slots.append(("complement", k))
+                    if self.random_control:
+                        masks.append(self.random_like(k))
+                        slots.append(("random", k))
+            values = dict(zip(slots, self.evaluate(masks), strict=True))
+            for k in chunk:  # kept in the order one size at a time keeps them
+                if ("circuit", k) in values:
+                    self.ahead[k] = values[("circuit", k)]
+                self.circuit(k)
+                for kind in ("complement", "random"):
+                    if (kind, k) in values:
+                        self.keep(kind, k, values[(kind, k)])
+
     def complement_and_random(self, k: int) -> tuple[float, float | None]:
-        """Completeness of the top-k circuit and the faithfulness of a random circuit of its size."""
+        """Completeness of the top-k circuit and the faithfulness of a random circuit of its size (one pass)."""
         key = str(k)
         if key not in self.samples["complement"]:
-            circuit = self.top_k(k)
-            self.samples["complement"][key] = self.evalset.metric_values(self.complement(circuit)).tolist()
+            masks = [self.complement(self.top_k(k))]
             if self.random_control:
-                self.samples["random"][key] = self.evalset.metric_values(self.random_like(k)).tolist()
+                masks.append(self.random_like(k))
+            values = self.evaluate(masks)
+            self.keep("complement", k, values[0])
+            if self.random_control:
+                self.keep("random", k, values[1])
         rand = self.samples["random"].get(key)
         return self.normalise(self.samples["complement"][key]), None if rand is None else self.normalise(rand)
 
+    def bisection_probes(self, lo: int, hi: int, level: float) -> list[int]:
+        """The unknown probes of the next bisection steps from ``(lo, hi)``, nearest steps first, at most
+        ``width``: both ways after an unknown probe, the way taken after a known one."""
+        probes: list[int] = []
+        queue = [(lo, hi)]
+        while queue:
+            a, b = queue.pop(0)
+            if b - a <= 1:
+                continue
+            mid = (a + b) // 2
+            if self.known(mid):
+                queue.append((a, mid) if self.reaches(mid, level) else (mid, b))
+                continue
+            if len(probes) == self.width:
+                break
+            probes.append(mid)
+            queue += [(a, mid), (mid, b)]
+        return probes
+
+    def scan_sizes(self, k: int, hi: int, remaining: int) -> list[int]:
+        """The unknown sizes of the next ``width`` the upward scan from ``k`` (below ``hi``) may measure, with
+        ``remaining`` unmeasured sizes left in its limit."""
+        sizes: list[int] = []
+        for q in range(k, hi):
+            if self.measured(q):
+                continue
+            remaining -= 1
+            if remaining < 0 or len(sizes) == self.width:
+                break
+            if q not in self.ahead:
+                sizes.append(q)
+        return sizes
+
     def exact_size(self, level: float, grid: list[int], scan_limit: int) -> LevelSize:
         """The smallest size reaching ``level`` in the grid's first bracket (bisection, then an upward scan)."""
-        start = self.evalset.forwards
+        start = self.kept
         reached = [k for k in grid if self.circuit(k) >= level]
         if not reached:
             return LevelSize(level, None, True, [grid[-1], None], None)
@@ -607,6 +853,8 @@ class _Measurer:
             lo, hi = bottom, first
             while hi - lo > 1:  # invariant: F(lo) < level <= F(hi)
                 mid = (lo + hi) // 2
+                if not self.known(mid):
+                    self.prefetch(self.bisection_probes(lo, hi, level) if self.speculate else [mid])
                 if self.circuit(mid) >= level:
                     hi = mid
                 else:
@@ -618,14 +866,24 @@ class _Measurer:
                     if scanned > scan_limit:
                         exact = False  # n stays the bisection crossing: an upper bound
                         break
+                    if k not in self.ahead:  # this size and the next ones the scan may need, in one pass
+                        self.prefetch(self.scan_sizes(k, hi, scan_limit - scanned + 1))
                 if self.circuit(k) >= level:
                     n = k
                     break
         f_cc, rand = self.complement_and_random(n)
-        forwards = self.evalset.forwards - start
+        forwards = self.kept - start
         return LevelSize(
             level, n, exact, [bottom, first], first, self.circuit(n), f_cc, rand, forwards=forwards
         )
+
+
+def _agreed_width(width: int) -> int:
+    """The smallest ``width`` over the processes (launched distributed), so that every process evaluates the
+    same circuits together and runs the same collectives."""
+    if distributed.world().size == 1:
+        return width
+    return int(distributed.gather_rows(torch.tensor([width], dtype=torch.long)).min())
 
 
 def sweep(
@@ -640,6 +898,8 @@ def sweep(
     seed: int = 0,
     progress: bool = False,
     error_nodes: str = "count",
+    max_circuits: int | None = None,
+    speculate: bool | None = None,
 ) -> Curve:
     """Faithfulness/completeness over a threshold sweep of ``scores`` (``[L, T, w]`` or ``[L, w]``), then the
     exact circuit size at each of ``levels`` (see the module docstring), with bootstrap intervals.
@@ -648,35 +908,56 @@ def sweep(
     :func:`attribute` returns) or per node (latents, then one error node); ``error_nodes`` says how the error
     nodes count (:data:`ERROR_NODES`). Sizes count the ranked nodes only.
 
+    ``max_circuits``: circuits per forward pass (default: :meth:`EvalSet.circuits_per_pass`; 1 runs one circuit
+    per pass, the reference the batched sweep equals). ``speculate``: also evaluate the bisection probes of the
+    next steps together (both outcomes; the unused ones are wasted work); default: on an accelerator, not on
+    a CPU, where a pass costs nearly as much per circuit. Neither changes the curve.
+
     Launched distributed, every process must pass the same ``scores`` (as :func:`attribute` returns them): the
     circuits and the seeded random controls are then the same everywhere and only the metric sums are reduced.
     """
     scores = evalset.nodes_of(scores)
     free = error_node_mask(evalset, scores, error_nodes)
     m = _Measurer(
-        evalset, scores, random_control=random_control, seed=seed, free=free, fixed=error_nodes == "keep"
+        evalset,
+        scores,
+        random_control=random_control,
+        seed=seed,
+        free=free,
+        fixed=error_nodes == "keep",
+        width=max_circuits if max_circuits is not None else evalset.max_circuits,
+        speculate=speculate,
     )
     magnitude = scores.abs().float().flatten()[free.flatten()]
     thresholds = default_thresholds(scores * free) if thresholds is None else list(thresholds)
     n_free = int(free.sum())
     curve = Curve(method, evalset.site, evalset.ablation, m.f_model, m.f_empty, n_free, seed=seed)
-    iterator = thresholds
+    sizes: dict[int, float] = {}  # each new size with its first threshold, in threshold order
+    for tau in thresholds:
+        k = int((magnitude > tau).sum())  # the threshold circuit is the top-k prefix of the ranking
+        sizes.setdefault(k, tau)
+    ks = list(sizes)
+    bar = None
     if progress:
         from tqdm.auto import tqdm
 
-        iterator = tqdm(
-            thresholds, desc=f"{method}/{evalset.site} sweep", leave=False, disable=not distributed.is_main()
+        bar = tqdm(
+            total=len(ks),
+            desc=f"{method}/{evalset.site} sweep",
+            leave=False,
+            disable=not distributed.is_main(),
         )
-    seen: set[int] = set()
-    for tau in iterator:
-        k = int((magnitude > tau).sum())  # the threshold circuit is the top-k prefix of the ranking
-        if k in seen:
-            continue
-        seen.add(k)
+    for start in range(0, len(ks), m.width):
+        m.grid(ks[start : start + m.width])
+        if bar is not None:
+            bar.update(len(ks[start : start + m.width]))
+    if bar is not None:
+        bar.close()
+    raw = lambda f: f * m.denom + m.f_empty  # noqa: E731
+    for k in ks:
         f_c = m.circuit(k)
         f_cc, rand = m.complement_and_random(k)
-        raw = lambda f: f * m.denom + m.f_empty  # noqa: E731
-        curve.points.append(CurvePoint(tau, k, f_c, f_cc, rand, raw(f_c), raw(f_cc)))
+        curve.points.append(CurvePoint(sizes[k], k, f_c, f_cc, rand, raw(f_c), raw(f_cc)))
     curve.points.sort(key=lambda p: p.n_nodes)
     grid = [p.n_nodes for p in curve.points]
     curve.levels = [m.exact_size(level, grid, scan_limit) for level in levels]
