@@ -7,15 +7,18 @@ The estimates count the tensors a run keeps alive at its peak, from the model's 
   ``5 d_ff``; attention's normed input, q, k, v and output, ``~2 d_model + 2 d_kv``), the neuron sites' gradients
   and scores (``2 d_ff``), in the model's dtype, plus the logits of the answer positions; after the backward has
   freed those, the float32 results (``6 d_ff`` per layer and token). The peak is the larger phase.
-- **graph edges** (one forward with leaf-swapped neuron sites, which keeps ``FORWARD_EXTRA`` more ``[T, d_ff]``
-  tensors per layer than an attribution, then a batched backward over a chunk of ``k`` targets): per target, its
-  gradient of every source layer's neurons (``T x source layers x d_ff`` float32), ``BACKWARD_TRANSIENT`` more
-  ``[T, d_ff]`` buffers and ``VOCAB_BUFFERS`` vocabulary-sized buffers of the batched backward through the
-  unembedding. One chunk's gradients are freed before the next chunk's backward. Before the nodes
-  are chosen, the source layers are taken as ``SOURCE_LAYER_SHARE`` of all layers; the builder itself sizes its
-  chunks from the exact count. Node selection (one attribution) comes first and is freed.
+- **graph edges** (one forward with cut sites, then one batched backward per chunk of ``k`` targets): the forward
+  keeps per token what the targets' backward needs: per layer attention's and the norms' saved tensors
+  (``3 d_model + 2 d_kv``), per layer holding neuron nodes (``SOURCE_LAYER_SHARE`` of the layers before the nodes
+  are known) its MLP's (``EDGE_FORWARD`` ``d_ff``), in the model's dtype; a chunk's targets lie in one layer (its largest chunk holds
+  ``LARGEST_LAYER_SHARE`` of the neuron nodes before they are known), its leaves are the node units only, so one
+  target holds ``BACKWARD_TRANSIENT`` ``[T, d_ff]`` float32 buffers whatever the number of source layers (and a
+  logit target ``VOCAB_BUFFERS`` vocabulary-sized ones). One chunk's gradients are freed before the next
+  chunk's backward. Node selection (one attribution) comes first; its sites and their gradients (model dtype),
+  and the float32 activations, scores and magnitudes, stay alive while the edges are computed; a graph also holds
+  ``GRAPH_FIXED`` bytes whatever its size, and a target ``TARGET_FIXED``.
 
-The counts were checked, and the two measured constants fitted, against peaks of live memory on SmolLM2-135M
+The counts were checked, and the measured constants fitted, against peaks of live memory on SmolLM2-135M
 (:func:`measured_peak`; ``benchmarks/bench_memory.py``, docs/benchmarks.md; ``tests/test_memory.py``).
 ``neurontrace estimate`` prints them; attribution and graph runs call :func:`check_fits` and stop early, with
 the estimate and what to lower, when a run cannot fit.
@@ -23,6 +26,7 @@ the estimate and what to lower, when a run cannot fit.
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Any
@@ -32,13 +36,25 @@ import torch
 from neurontrace.errors import NeurontraceError
 from neurontrace.io import JsonResult
 
-VOCAB_BUFFERS = 6  # vocabulary-sized float32 buffers per target in the batched backward (measured)
-# [T, d_ff] float32 buffers per target that the batched backward holds besides its gradients (measured: 3.5 on
-# SmolLM2-135M at 1k and 2k tokens, 2 to 32 targets)
-BACKWARD_TRANSIENT = 3.5
-# [T, d_ff] buffers per layer that the leaf-swapped edge forward keeps besides an attribution's saved
-# activations: each layer's live and leaf site tensors and the replacement model's factors (measured: 3.3)
-FORWARD_EXTRA = 3.3
+VOCAB_BUFFERS = 6  # vocabulary-sized float32 buffers per logit target in the batched backward (measured)
+# [T, d_ff] float32 buffers per target that the batched backward of a one-layer chunk holds: the seed of the
+# target layer's site, its MLP's backward, each source layer's site gradient in turn (measured: 2.9 to 3.0 on
+# SmolLM2-135M at 128 to 1,024 tokens, 1 to 64 targets per chunk), and bytes per target that do not grow with
+# the prompt (measured: about 100 KiB at 8 and 32 tokens, 128 targets)
+BACKWARD_TRANSIENT = 3.0
+TARGET_FIXED = 100 * 2**10
+# d_ff-sized tensors per token that the edge forward keeps of a layer holding neuron nodes, for its targets'
+# backward (the MLP's saved tensors and the replacement model's factors; measured: 3.8 at 512 tokens); every
+# layer keeps attention's and the norms' saved tensors (measured: 3 d_model + 2 d_kv)
+EDGE_FORWARD = 4.0
+# share of the neuron nodes in the layer with the most (measured: 0.19 to 0.22 on graphs of 200 neuron nodes)
+LARGEST_LAYER_SHARE = 0.25
+# bytes a graph holds whatever its size: the process's first backward, bookkeeping (measured: 16 to 20 MiB
+# over the counted parts at 8 to 1,024 tokens)
+GRAPH_FIXED = 16 * 2**20
+# the former full-leaf computation (every site tensor a leaf, chunks across layers; ``direct_effects`` with
+# ``_full_leaves``): [T, d_ff] buffers per target besides its gradients of every source layer (measured: 3.5)
+FULL_LEAF_TRANSIENT = 3.5
 MAX_CHUNK = 512
 
 
@@ -99,27 +115,63 @@ def auto_batch_size(shape: Shape, *, prompt_len: int, paired: bool = False, devi
     return int(max(1, min(cap, budget // max(1, one))))
 
 
-def edge_bytes_per_target(shape: Shape, *, prompt_len: int, source_layers: int | None = None) -> int:
-    """Memory one target of a graph's batched backward needs (bytes): its gradient of every source layer's
-    neurons, plus vocabulary-sized buffers. Without ``source_layers``, a measured share of all layers."""
-    L = round(shape.n_layers * SOURCE_LAYER_SHARE) if source_layers is None else source_layers
-    return int(4 * (prompt_len * (L + BACKWARD_TRANSIENT) * shape.d_ff + VOCAB_BUFFERS * shape.vocab))
+def edge_bytes_per_target(
+    shape: Shape,
+    *,
+    prompt_len: int,
+    source_layers: int | None = None,
+    logits: bool = False,
+    full_leaves: bool = False,
+) -> int:
+    """Memory one target of a graph's batched backward needs (bytes).
+
+    A chunk's targets lie in one layer and its leaves are the node units only, so a target holds the backward's
+    ``[T, d_ff]``-sized transients (``BACKWARD_TRANSIENT``), whatever the number of source layers; a logit target
+    (``logits``) also ``VOCAB_BUFFERS`` vocabulary-sized buffers. ``full_leaves``: the former computation (every
+    site tensor a leaf), whose target also held its gradient of every source layer's neurons; without
+    ``source_layers``, a measured share of all layers."""
+    T = prompt_len
+    if full_leaves:
+        L = round(shape.n_layers * SOURCE_LAYER_SHARE) if source_layers is None else source_layers
+        return int(4 * (T * (L + FULL_LEAF_TRANSIENT) * shape.d_ff + VOCAB_BUFFERS * shape.vocab))
+    vocab = VOCAB_BUFFERS * shape.vocab if logits else 0
+    return int(4 * (T * BACKWARD_TRANSIENT * shape.d_ff + vocab) + TARGET_FIXED)
 
 
 def graph_bytes(
-    shape: Shape, *, prompt_len: int, nodes: int, logits: int = 5, chunk: int | None = None
+    shape: Shape,
+    *,
+    prompt_len: int,
+    nodes: int,
+    logits: int = 5,
+    chunk: int | None = None,
+    largest_layer: int | None = None,
+    node_layers: int | None = None,
 ) -> dict[str, int]:
-    """Working memory of a graph, by part (bytes); the peak is :func:`graph_peak`."""
-    T = prompt_len
+    """Working memory of a graph, by part (bytes); the peak is :func:`graph_peak`. The parts named ``edges: ...``,
+    with the adjacency and the fixed part, are the edge computation's own
+    (:func:`neurontrace.graphs.build.direct_effects` run alone); ``largest_layer``: the neuron nodes in the layer
+    with the most, ``node_layers``: the layers holding neuron nodes, when known."""
+    T, L, s = prompt_len, shape.n_layers, shape.itemsize
     targets = nodes + logits
-    k = min(targets, chunk or MAX_CHUNK)
+    cap = chunk or MAX_CHUNK
+    in_layer = math.ceil(nodes * LARGEST_LAYER_SHARE) if largest_layer is None else largest_layer
+    k, k_logits = min(in_layer, cap), min(logits, cap)
     selection = attribution_bytes(shape, prompt_len=T)
-    extra = FORWARD_EXTRA * shape.n_layers * T * shape.d_ff * shape.itemsize
-    saved = int(selection["saved activations"] + selection["neuron gradients and scores"] // 2 + extra)
+    backward = max(
+        k * edge_bytes_per_target(shape, prompt_len=T),
+        k_logits * edge_bytes_per_target(shape, prompt_len=T, logits=True),
+    )
+    kept = T * L * shape.d_ff * (2 * s + 3 * 4)
+    if node_layers is None:
+        node_layers = min(nodes, round(L * SOURCE_LAYER_SHARE))
+    forward = T * (L * (3 * shape.d_model + 2 * shape.d_kv) + node_layers * EDGE_FORWARD * shape.d_ff) * s
     return {
         "node selection (one attribution)": attribution_peak(selection),
-        "edges: saved forward": saved,
-        f"edges: batched backward ({k} targets at once)": k * edge_bytes_per_target(shape, prompt_len=T),
+        "kept from node selection (sites, grads, scores)": kept,
+        "fixed (first backward, bookkeeping)": GRAPH_FIXED,
+        "edges: saved forward": int(forward),
+        f"edges: batched backward ({max(k, k_logits)} targets at once)": backward,
         "adjacency": (targets + T) ** 2 * 4,
     }
 

@@ -112,3 +112,63 @@ def test_targets_and_node_selection():
     neurons = [n for n in graph.nodes if n.kind == NEURON]
     assert len(neurons) == 25
     assert len([n for n in graph.nodes if n.kind == EMBEDDING]) == 5
+
+
+def _sae_basis(model, folder, site: str, architecture: str = "standard", d_sae: int = 24) -> str:
+    from neurontrace.dictionaries import SAE, save_sae
+    from neurontrace.sites import site_width
+
+    width = site_width(model, site)
+    for layer in range(model.n_layers):
+        g = torch.Generator().manual_seed(layer)
+        threshold = torch.rand(d_sae, generator=g) * 0.1 if architecture == "jumprelu" else None
+        sae = SAE(torch.randn(width, d_sae, generator=g) / width**0.5, torch.randn(d_sae, generator=g) * 0.1,
+                  torch.randn(d_sae, width, generator=g) / d_sae**0.5, torch.randn(width, generator=g) * 0.1,
+                  site, layer, architecture, None, threshold)  # fmt: skip
+        save_sae(sae.to(dtype=torch.float64), folder / f"L{layer}")
+    return f"sae:{folder}"
+
+
+def _transcoder_basis(model, folder, d_sae: int = 24) -> str:
+    from neurontrace.dictionaries import Transcoder, save_transcoders
+
+    d = model.d_model
+    tcs = {}
+    for layer in range(model.n_layers):
+        g = torch.Generator().manual_seed(layer)
+        tcs[layer] = Transcoder(torch.randn(d, d_sae, generator=g) / d**0.5, torch.randn(d_sae, generator=g) * 0.1,
+                                torch.randn(d_sae, d, generator=g) / d_sae**0.5, torch.randn(d, generator=g) * 0.3,
+                                layer, "relu", W_skip=torch.randn(d, d, generator=g) * 0.1)  # fmt: skip
+    save_transcoders(tcs, folder, model_name=model.name)
+    return f"transcoder:{folder}"
+
+
+@pytest.mark.parametrize(
+    ("family", "site"),
+    [("llama", "neurons"), ("gemma2", "neurons"), ("gpt2", "neurons"), ("phi3", "neurons"), ("qwen3", "neurons"),
+     ("gpt_neox", "neurons"), ("llama", "sae:mlp_out"), ("gemma3", "sae:resid"), ("llama", "sae:neurons"),
+     ("llama", "transcoder")],
+)  # fmt: skip
+def test_node_leaves_give_the_edges_of_full_site_leaves(tmp_path, family, site):
+    """Leaves of the node units only (and one scale per error node and embedding position), chunks in one layer,
+    against every site tensor a leaf (the former computation): the same edges, with and without small chunks."""
+    from neurontrace.graphs.build import ERROR, direct_effects
+
+    model = make_tiny(family)
+    model.hf.double()
+    if site.startswith("sae:"):
+        inner = site.removeprefix("sae:")
+        site = _sae_basis(model, tmp_path / "sae", inner, "jumprelu" if inner == "neurons" else "standard")
+    elif site == "transcoder":
+        site = _transcoder_basis(model, tmp_path / "tc")
+    graph = build_graph(model, PROMPT, node_threshold=0.0, max_nodes=70, site=site)
+    assert sum(n.kind == NEURON for n in graph.nodes) == 70
+    assert len({n.layer for n in graph.nodes if n.kind == NEURON}) > 1
+    assert (ERROR in {n.kind for n in graph.nodes}) == (site != "neurons")
+    batch = model.tokenize(PROMPT)
+    old = direct_effects(model, batch, graph.nodes, rules=RelPRules(), site=site, _full_leaves=True)
+    assert (old != 0).sum() > 100
+    for chunk in (None, 3):
+        new = direct_effects(model, batch, graph.nodes, rules=RelPRules(), site=site, chunk_size=chunk)
+        torch.testing.assert_close(new, old, rtol=1e-6, atol=1e-6 * float(old.abs().max()))
+        assert torch.equal(new != 0, old != 0)

@@ -5,10 +5,11 @@ logits. Edges are *direct effects* in the replacement model: ``w(s -> t) = a_s *
 strictly between ``s`` and ``t`` frozen, so only residual and attention-OV paths count.
 
 How the edges are computed: one forward pass of the replacement model in which each layer's neuron-site tensor
-is swapped for a detached leaf that feeds the rest of the network, while the live tensor (a function of the
-earlier leaves and the embeddings) is kept as a target. The gradient of a live target with respect to an
-earlier leaf then never passes through an MLP: exactly the direct effect. One batched vector-Jacobian product per
-chunk of targets gives their edges from every source layer at once, and a batch of one prompt has no cross terms.
+is cut (the rest of the network is fed a detached copy in which only the node units are leaves), while the live
+tensor (a function of the earlier leaves and the embeddings) is kept as a target. The gradient of a live target
+with respect to an earlier leaf then never passes through an MLP: exactly the direct effect. One batched
+vector-Jacobian product per chunk of targets in one layer gives their edges from every source layer at once, and
+a batch of one prompt has no cross terms.
 """
 
 from __future__ import annotations
@@ -96,14 +97,25 @@ class AttributionGraph:
         return int((self.adjacency != 0).sum())
 
 
-def _chunk_size(model: NeuronModel, prompt_len: int, source_layers: int, requested: int | None) -> int:
+def _chunk_size(
+    model: NeuronModel,
+    prompt_len: int,
+    source_layers: int,
+    requested: int | None,
+    *,
+    logits: bool = False,
+    full_leaves: bool = False,
+) -> int:
     """Targets per vector-Jacobian product: as many as a quarter of the free memory holds (at most 512).
 
-    Stops early, with the estimate, when not even one target fits (:mod:`neurontrace.memory`).
+    ``logits``: a chunk of logit targets (their backward also holds vocabulary-sized buffers); ``full_leaves``:
+    the former full-leaf computation. Stops early, with the estimate, when not even one target fits
+    (:mod:`neurontrace.memory`).
     """
     if requested:
         return max(1, requested)
-    per_target = edge_bytes_per_target(Shape.of(model), prompt_len=prompt_len, source_layers=source_layers)
+    per_target = edge_bytes_per_target(Shape.of(model), prompt_len=prompt_len, source_layers=source_layers,
+                                       logits=logits, full_leaves=full_leaves)  # fmt: skip
     free = available_bytes(model.device)
     check_fits(per_target, what="one target of the graph's batched backward", lower="the prompt length",
                device=model.device)  # fmt: skip
@@ -240,12 +252,155 @@ def direct_effects(
     chunk_size: int | None = None,
     progress: bool = False,
     site: str = "neurons",
+    _full_leaves: bool = False,
 ) -> torch.Tensor:
     """The ``[N, N]`` matrix of direct effects between ``nodes`` (row: target, column: source).
 
-    Every layer's ``site`` tensor is cut (a detached leaf feeds the network), so an edge never passes through
-    another unit of the basis. An error node's edge is the sum over its components.
+    Every layer's ``site`` tensor is cut (the network is fed a detached copy), so an edge never passes through
+    another unit of the basis. Only what the edges use is a leaf: per source layer its node units
+    (``[n]``, scattered into the detached copy), per (layer, position) of an error node one scalar that scales
+    that position's error components (``d/ds (s * err)`` at ``s = 1`` is the sum over the components of
+    ``err * grad``: the error node's edge), per position of the embeddings one scalar likewise. The batched
+    vector-Jacobian products then return ``[K, n]`` per layer instead of ``[K, T, width]``.
+
+    Each chunk of targets lies in one layer (logits: their own chunks), so its backward seeds one site tensor and
+    traverses only the layers below it. ``_full_leaves`` runs the former computation (every site tensor a leaf,
+    chunks across layers), kept for tests and ``benchmarks/bench_graph.py``.
     """
+    if _full_leaves:
+        return _direct_effects_full_leaves(
+            model, batch, nodes, rules=rules, chunk_size=chunk_size, progress=progress, site=site
+        )
+    layers = site_layers(model, site)
+    latents = dictionary_latents(site)
+    T = batch.width
+    by_layer: dict[int, list[int]] = {}
+    errors_by_layer: dict[int, list[int]] = {}
+    for i, n in enumerate(nodes):
+        if n.kind == NEURON:
+            by_layer.setdefault(n.layer, []).append(i)
+        elif n.kind == ERROR:
+            errors_by_layer.setdefault(n.layer, []).append(i)
+    live: dict[int, torch.Tensor] = {}
+    unit_leaves: dict[int, torch.Tensor] = {}  # [n]: the layer's node units
+    error_leaves: dict[int, torch.Tensor] = {}  # [m]: scales of the layer's error nodes' components
+    embeds: list[torch.Tensor] = []  # [T]: scales of the embeddings
+
+    def scales(n: int, like: torch.Tensor) -> torch.Tensor:  # ones, a leaf, at least float32
+        dtype = torch.promote_types(like.dtype, torch.float32)
+        return torch.ones(n, dtype=dtype, device=like.device, requires_grad=True)
+
+    def swap(layer: int):
+        members, errors = by_layer.get(layer, []), errors_by_layer.get(layer, [])
+
+        def fn(x: torch.Tensor) -> torch.Tensor:
+            out = x.detach()
+            if (
+                members
+            ):  # a target layer (elsewhere nothing holds x, so the autograd graph that made it is freed)
+                live[layer] = x
+                pos = torch.tensor([nodes[i].position for i in members], device=x.device)
+                unit = torch.tensor([nodes[i].index for i in members], device=x.device)
+                unit_leaves[layer] = out[0, pos, unit].requires_grad_(True)  # advanced indexing: a copy
+                out = out.index_put((torch.zeros_like(pos), pos, unit), unit_leaves[layer])
+            if errors:
+                pos = torch.tensor([nodes[i].position for i in errors], device=x.device)
+                s = error_leaves[layer] = scales(len(errors), x)
+                scale = torch.ones(T, dtype=s.dtype, device=x.device).index_put((pos,), s)
+                err = (_promote(out[..., latents:]) * scale[:, None]).to(out.dtype)
+                out = torch.cat([out[..., :latents], err], dim=-1)
+            return out
+
+        return fn
+
+    def on_embed(y: torch.Tensor) -> torch.Tensor:
+        s = scales(T, y)
+        embeds.append(s)
+        return (_promote(y.detach()) * s[:, None]).to(y.dtype)
+
+    with frozen_parameters(model), replacement_model(model, rules) as rep:
+        handles = [add_output_hook(model.embed, on_embed)]
+        handles += [hook_site(model, site, layer, swap(layer)) for layer in layers]
+        try:
+            with torch.enable_grad():
+                logits = rep.logits(model.forward(batch, logits_to_keep=1))[0, -1]
+        finally:
+            for h in handles:
+                h.remove()
+        index = {n.key: i for i, n in enumerate(nodes)}
+        embed_keys = [(EMBEDDING, -1, p, int(batch.input_ids[0, p])) for p in range(T)]
+        embed_columns = torch.tensor([index[key] for key in embed_keys])
+        source_layers = sorted(set(by_layer) | set(errors_by_layer))
+        k = _chunk_size(model, T, len(source_layers), chunk_size)
+        k_logits = _chunk_size(model, T, len(source_layers), chunk_size, logits=True)
+        # chunks of targets, each in one layer (the logits in layer n_layers): (target layer, rows)
+        chunks: list[tuple[int, list[int]]] = []
+        for layer, rows in sorted(by_layer.items()):
+            chunks += [(layer, rows[start : start + k]) for start in range(0, len(rows), k)]
+        logit_rows = [i for i, n in enumerate(nodes) if n.kind == LOGIT]
+        chunks += [
+            (model.n_layers, logit_rows[i : i + k_logits]) for i in range(0, len(logit_rows), k_logits)
+        ]
+        N = len(nodes)
+        adjacency = torch.zeros(N, N)
+        progress_chunks: Any = chunks
+        if progress:
+            from tqdm.auto import tqdm
+
+            progress_chunks = tqdm(chunks, desc="graph edges", unit="chunk", leave=False)
+        for target_layer, rows in progress_chunks:
+            if target_layer == model.n_layers:
+                values = logits[torch.tensor([nodes[i].index for i in rows], device=logits.device)]
+            else:
+                x = live[target_layer]
+                pos = torch.tensor([nodes[i].position for i in rows], device=x.device)
+                unit = torch.tensor([nodes[i].index for i in rows], device=x.device)
+                values = x[0, pos, unit]
+            # float32 seeds for a low-precision model (float64 stays float64)
+            values = _promote(values)
+            K = len(rows)
+            below = [layer for layer in source_layers if layer < target_layer]
+            unit_sources = [layer for layer in below if layer in unit_leaves]
+            error_sources = [layer for layer in below if layer in error_leaves]
+            inputs = [
+                embeds[0],
+                *(unit_leaves[la] for la in unit_sources),
+                *(error_leaves[la] for la in error_sources),
+            ]
+            grads = torch.autograd.grad(
+                values,
+                inputs,
+                grad_outputs=torch.eye(K, dtype=values.dtype, device=values.device),
+                is_grads_batched=True,
+                retain_graph=True,
+                allow_unused=True,
+            )
+            rows_t = torch.tensor(rows)[:, None]
+            if grads[0] is not None:  # d/ds of the scaled embedding: the sum over d_model of e * grad
+                adjacency[rows_t, embed_columns[None, :]] = grads[0].float().cpu()
+            for layer, g in zip(unit_sources, grads[1 : 1 + len(unit_sources)], strict=True):
+                if g is not None:  # a_s * d a_t / d a_s
+                    w = _promote(unit_leaves[layer].detach()) * _promote(g)
+                    adjacency[rows_t, torch.tensor(by_layer[layer])[None, :]] = w.float().cpu()
+            for layer, g in zip(error_sources, grads[1 + len(unit_sources) :], strict=True):
+                if g is not None:  # d/ds of the scaled error components: the sum over them of err * grad
+                    adjacency[rows_t, torch.tensor(errors_by_layer[layer])[None, :]] = g.float().cpu()
+            grads = g = None  # free this chunk's gradients before the next VJP
+    return adjacency
+
+
+def _direct_effects_full_leaves(
+    model: NeuronModel,
+    batch,
+    nodes: Sequence[GraphNode],
+    *,
+    rules: RelPRules,
+    chunk_size: int | None = None,
+    progress: bool = False,
+    site: str = "neurons",
+) -> torch.Tensor:
+    """The former computation of :func:`direct_effects` (same edges): every layer's whole site tensor a leaf,
+    chunks of targets across layers, every chunk's backward returning ``[K, 1, T, width]`` per source layer."""
     layers = site_layers(model, site)
     latents = dictionary_latents(site)
     live: dict[int, torch.Tensor] = {}
@@ -293,7 +448,7 @@ def direct_effects(
         }
         N = len(nodes)
         adjacency = torch.zeros(N, N)
-        k = _chunk_size(model, batch.width, len(source_layers), chunk_size)
+        k = _chunk_size(model, batch.width, len(source_layers), chunk_size, full_leaves=True)
         chunks = range(0, len(target_rows), k)
         if progress:
             from tqdm.auto import tqdm
