@@ -5,6 +5,9 @@ Every method returns scores ``[B, L, T, width]`` for the batch's padded layout (
 - ``relp``: ``(a' - a) * dm/da`` with gradients from the RelP replacement model (one forward, one backward).
 - ``atp``: the same with plain gradients.
 - ``ig``: integrated gradients on activations, one layer's site interpolated at a time (midpoint or left rule).
+  The layers below the interpolated one do not change with the step: they run once per batch, and each step
+  runs the model from that layer on (:mod:`neurontrace.models.suffix`; ``NEURONTRACE_IG_PREFIX=0`` or
+  ``ig_prefix=False`` runs the whole model at every step instead, with the same scores).
 - ``ig-inputs``: integrated gradients along a path of input embeddings; all layers from each backward pass.
 - ``exact``: activation patching, one forward per node (batched over nodes): the ground truth.
 - ``delta`` (activation difference) and ``random``: controls.
@@ -15,6 +18,7 @@ prompts the baseline ``a'`` is zero or a mean, and a score estimates ``m(clean) 
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
@@ -27,6 +31,7 @@ from neurontrace.errors import NeurontraceError
 from neurontrace.hooks import add_output_hook
 from neurontrace.models.model import NeuronModel
 from neurontrace.models.placement import stack_on
+from neurontrace.models.suffix import RecordedForward, SuffixUnsupported, record_forward, run_from
 from neurontrace.sites import hook_site
 from neurontrace.tokens import Batch
 
@@ -35,6 +40,12 @@ METHODS: tuple[str, ...] = ("relp", "atp", "ig", "ig-inputs", "exact", "delta", 
 # left rule (offset 0); the midpoint rule (offset 1/2) costs the same and its error falls as 1/steps^2 rather
 # than 1/steps, so it is the default (docs/attribution.md shows both).
 IG_RULES: tuple[str, ...] = ("midpoint", "left")
+# "0" (or "false", "no", "off") makes IG on activations run the whole model at every step (the old path).
+IG_PREFIX_ENV = "NEURONTRACE_IG_PREFIX"
+
+
+def _ig_prefix_default() -> bool:
+    return os.environ.get(IG_PREFIX_ENV, "1").strip().lower() not in ("0", "false", "no", "off")
 
 
 @contextmanager
@@ -114,6 +125,29 @@ def run_sites(
     return SiteRun(value, acts, embeds[0] if embeds else None)
 
 
+def _site_from(
+    model: NeuronModel,
+    recorded: RecordedForward,
+    site: str,
+    layer: int,
+    leaf: torch.Tensor,
+    metric: Metric,
+) -> torch.Tensor:
+    """The metric with ``leaf`` substituted for the site at ``layer``, running the model from ``layer`` on only.
+
+    The layer's input comes from ``recorded`` (a pass over the same rows); the plain residual-stream site is the
+    layer's output, so there the run starts at the next layer with ``leaf`` as its input.
+    """
+    with torch.enable_grad():
+        if site == "resid":
+            return metric(run_from(model, recorded, layer + 1, leaf))
+        handle = hook_site(model, site, layer, lambda x: leaf.to(x.device))
+        try:
+            return metric(run_from(model, recorded, layer, recorded.inputs[layer]))
+        finally:
+            handle.remove()
+
+
 def _stack(acts: dict[int, torch.Tensor], layers: Sequence[int]) -> torch.Tensor:
     """``[B, L, T, width]`` on the first layer's device (a device map may spread the layers)."""
     return stack_on([acts[layer] for layer in layers], dim=1)
@@ -147,6 +181,7 @@ class BatchAttributor:
         ig_rule: str = "midpoint",
         max_rows: int = 64,
         seed: int = 0,
+        ig_prefix: bool | None = None,
     ) -> None:
         if ig_rule not in IG_RULES:
             raise NeurontraceError(
@@ -161,6 +196,10 @@ class BatchAttributor:
         self.rules = rules or RelPRules()
         self.steps, self.ig_rule, self.max_rows = steps, ig_rule, max_rows
         self.generator = torch.Generator().manual_seed(seed)
+        # IG on activations: run the layers below the interpolated site once per batch (None: $NEURONTRACE_IG_PREFIX,
+        # on by default). ``ig_path`` says which path the last batch took and, if the whole model ran, why.
+        self.ig_prefix = _ig_prefix_default() if ig_prefix is None else bool(ig_prefix)
+        self.ig_path: str | None = None
 
     # --------------------------------------------------------------- helpers
     def _values(self, batch: Batch, metric: Metric) -> SiteRun:
@@ -224,6 +263,27 @@ class BatchAttributor:
         per = max(1, self.max_rows // max(1, rows_per_alpha))
         yield from alphas.split(per)
 
+    def _record_prefix(
+        self, clean: Batch, metric: Metric, sizes: set[int]
+    ) -> dict[int, RecordedForward] | None:
+        """One recorded forward of the batch repeated ``n`` times per chunk size ``n`` (no gradients), or None
+        (with the reason in ``ig_path``) where the model must run whole at every step."""
+        if not self.ig_prefix:
+            self.ig_path = "full: prefix caching turned off"
+            return None
+        # The resid site is a layer's output: its steps start at the next layer, from the leaf itself.
+        keep = [] if self.site == "resid" else self.layers
+        try:
+            recorded = {
+                n: record_forward(self.model, _repeat(clean, n), keep_inputs=keep, logits_to_keep=metric.keep)
+                for n in sorted(sizes)
+            }
+        except SuffixUnsupported as exc:
+            self.ig_path = f"full: {exc}"
+            return None
+        self.ig_path = "prefix-cached"
+        return recorded
+
     def _ig_activations(
         self, clean: Batch, metric: Metric, patch_run: SiteRun | None, baseline
     ) -> BatchScores:
@@ -233,25 +293,36 @@ class BatchAttributor:
         start, end = (acts, other) if patch_run is not None else (other, acts)
         start, end = _promote(start), _promote(end)  # the path and the gradient sums in float32 (bf16 models)
         B = clean.size
+        chunks = list(self._alpha_chunks(B))
+        # Each chunk runs n * B rows, as the old path did; the recorded passes have the same rows, so the layers
+        # from the interpolated one on compute exactly what they computed inside a whole forward pass.
+        recorded = self._record_prefix(clean, metric, {len(c) for c in chunks})
         mean_grad = torch.zeros_like(start)
         for li, layer in enumerate(self.layers):
-            for alphas in self._alpha_chunks(B):
+            for alphas in chunks:
                 n = len(alphas)
                 a = alphas.to(start)[:, None, None, None]
                 path = (start[:, li][None] + a * (end[:, li] - start[:, li])[None]).reshape(
                     n * B, *acts.shape[2:]
                 )
                 leaf = path.to(acts.dtype).detach().requires_grad_(True)
-                r = run_sites(
-                    self.model,
-                    _repeat(clean, n),
-                    metric.select(torch.arange(B).repeat(n)),
-                    site=self.site,
-                    layers=[layer],
-                    replace={layer: leaf},
-                )
-                (g,) = torch.autograd.grad(r.metric.sum(), [leaf])
+                rows = metric.select(torch.arange(B).repeat(n))
+                if recorded is not None:
+                    value = _site_from(self.model, recorded[n], self.site, layer, leaf, rows)
+                else:
+                    value = run_sites(
+                        self.model,
+                        _repeat(clean, n),
+                        rows,
+                        site=self.site,
+                        layers=[layer],
+                        replace={layer: leaf},
+                    ).metric
+                (g,) = torch.autograd.grad(value.sum(), [leaf])
                 mean_grad[:, li] += _promote(g).view(n, B, *acts.shape[2:]).sum(0)
+            if recorded is not None and layer not in self.layers[li + 1 :]:
+                for rec in recorded.values():  # memory: a layer's input is not needed again
+                    rec.inputs.pop(layer, None)
         mean_grad /= self.steps
         return BatchScores(
             (end - start) * mean_grad, acts, run.metric, None if patch_run is None else patch_run.metric
