@@ -7,7 +7,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.neurontrace-installed
 PIP    := $(PY) -m pip install --disable-pip-version-check -q
 
-.PHONY: demo test test-slow bench results screenshots lint format install clean
+.PHONY: demo test test-slow bench bench-reference results screenshots lint format install clean
 
 $(STAMP): pyproject.toml Makefile tests/viewer/ct_frontend/package-lock.json
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -45,6 +45,11 @@ test-slow: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/run.py
+
+# neurontrace against the paper's code (TransluceAI/circuits, in its own venv under benchmarks/.reference/; needs
+# a checkout: --reference DIR or $$NEURONTRACE_REFERENCE); ~10 min on 2 cores. Not part of `make bench`.
+bench-reference: $(STAMP)
+	$(PY) benchmarks/bench_reference.py
 
 # The SVA circuit results of docs/results.md: RelP and AtP on neurons, 3 seeds, on SmolLM2-135M and Gemma 3 270M
 # (2026-12-01: about 40 min for SmolLM2 and 50 for Gemma, run side by side on 2 cores). RESULTS_MODELS / RESULTS_TASKS choose a subset.

@@ -15,13 +15,24 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 import bench_attribution
 import bench_graph
+import bench_ig_prefix
 import bench_ig_rule
 import bench_load
 import bench_memory
 import bench_parallel
+import bench_sweep
 from common import machine
 
-BENCHMARKS = [bench_load, bench_attribution, bench_parallel, bench_graph, bench_memory, bench_ig_rule]
+BENCHMARKS = [
+    bench_load,
+    bench_attribution,
+    bench_parallel,
+    bench_graph,
+    bench_memory,
+    bench_ig_rule,
+    bench_ig_prefix,
+    bench_sweep,
+]
 
 
 def main() -> None:
