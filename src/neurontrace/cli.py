@@ -38,6 +38,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "estimate": ("estimate", "run_estimate"),
     "models": ("models", "run_models"),
     "view": ("view", "run_view"),
+    "train-sae": ("train_sae", "run_train_sae"),
 }
 
 
@@ -206,6 +207,7 @@ def _build_parser() -> argparse.ArgumentParser:
     from neurontrace.commands.graph import add_graph_parser
     from neurontrace.commands.hypotheses import add_hypotheses_parser
     from neurontrace.commands.steer import add_steer_parser
+    from neurontrace.commands.train_sae import add_train_sae_parser
     from neurontrace.commands.view import add_view_parser
 
     add_evaluate_parser(sub, _add_model_args)
@@ -215,6 +217,7 @@ def _build_parser() -> argparse.ArgumentParser:
     add_case_parser(sub, _add_model_args)
     add_hypotheses_parser(sub, _add_model_args)
     add_estimate_parser(sub, _add_model_args)
+    add_train_sae_parser(sub, _add_model_args)
 
     sub.add_parser("models", help="list supported architecture families and model aliases")
     add_view_parser(sub)
