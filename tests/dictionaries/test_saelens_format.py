@@ -132,3 +132,33 @@ def test_a_topk_that_rescales_by_decoder_norm_is_refused(tmp_path):
     theirs.save_model(tmp_path / "sae")
     with pytest.raises(NeurontraceError, match="rescale_acts_by_decoder_norm"):
         load_sae(tmp_path / "sae")
+
+
+def test_saelens_loads_what_train_sae_writes(tmp_path):
+    """A dictionary trained by `train_dictionaries` (the engine of `neurontrace train-sae`) is a folder of
+    SAELens folders: each loads in SAELens with its hook name and encodes like neurontrace's."""
+    from conftest import WORDS, make_tiny
+
+    from neurontrace.dictionaries.basis import load_basis
+    from neurontrace.dictionaries.train import TrainConfig, train_dictionaries
+
+    model = make_tiny("llama")
+    g = torch.Generator().manual_seed(0)
+    text = "\n\n".join(
+        " ".join(WORDS[int(i)] for i in torch.randint(0, len(WORDS), (20,), generator=g)) for _ in range(60)
+    )
+    (tmp_path / "text.txt").write_text(text)
+    cfg = TrainConfig(
+        layers=[0, 1], d_sae=48, k=4, tokens=1500, batch_size=128, context=16, held_out=200, buffer_tokens=512
+    )
+    train_dictionaries(model, tmp_path / "out", cfg, corpus=str(tmp_path / "text.txt"))
+    basis = load_basis(str(tmp_path / "out"))
+    assert sorted(basis.saes) == [0, 1]
+    for layer, ours in basis.saes.items():
+        folder = tmp_path / "out" / f"blocks.{layer}.hook_mlp_out"
+        theirs = sae_lens.SAE.load_from_disk(str(folder), device="cpu")
+        assert theirs.cfg.architecture() == "topk" and theirs.cfg.k == 4
+        assert theirs.cfg.metadata.hook_name == f"blocks.{layer}.hook_mlp_out"
+        x = torch.randn(5, ours.d_in, generator=g) * 3
+        with torch.no_grad():
+            torch.testing.assert_close(ours.encode(x), theirs.encode(x), atol=1e-4, rtol=1e-4)
