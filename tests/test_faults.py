@@ -167,7 +167,7 @@ def _tensors(path: Path) -> dict:
 @pytest.mark.parametrize("how", ["kill -9", "Ctrl-C"])
 def test_an_interrupted_dataset_run_resumes_to_the_same_result(folder, tmp_path, how):
     data = tmp_path / "pairs.jsonl"
-    save_pairs(data, PAIRS * 4)  # 192 pairs, one a batch: long enough to interrupt
+    save_pairs(data, PAIRS * 12)  # 576 pairs, one a batch: long enough to interrupt (192 could end first)
     want = tmp_path / "uninterrupted.safetensors"
     args = ["attribute", "--model", folder, "--dataset", str(data), "--batch-size", "1"]
     assert subprocess.run([sys.executable, "-m", "neurontrace.cli", *args, "--out", str(want)],
