@@ -146,8 +146,11 @@ def test_paths_of_the_wrong_kind_are_user_errors(folder, tmp_path, capsys):
 # ------------------------------------------------------------------ kill -9, Ctrl-C, two writers
 def _cli(args: list[str], **kwargs) -> subprocess.Popen:
     env = {**os.environ, "NEURONTRACE_CHECKPOINT_SECONDS": "0", "OMP_NUM_THREADS": "1"}
+    # a user's shell starts the command with SIGINT at its default; a child inherits an *ignored* SIGINT from its
+    # parent (something in the test process may have set one), so reset it before exec
     return subprocess.Popen([sys.executable, "-m", "neurontrace.cli", *args], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, **kwargs)  # fmt: skip
+                            stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL), **kwargs)  # fmt: skip
 
 
 def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 60.0) -> None:
