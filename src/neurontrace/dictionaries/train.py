@@ -1,51 +1,56 @@
 """Training TopK sparse autoencoders and transcoders, one per layer for many layers at once, from one stream.
 
 Each forward of the frozen model over a batch of corpus blocks (:mod:`neurontrace.dictionaries.corpus`)
-captures, at every chosen layer, the dictionary's input and target: the site's tensor for an SAE (input = target;
-sites ``resid``, ``mlp_out``, ``attn_out``, ``neurons``), the MLP module's input and output for a transcoder. The
-forward stops after the last chosen layer (the unembedding is not computed). Position 0 (the BOS token, an
-attention sink whose activations are huge outliers) is dropped. The tokens of a *round* (``buffer_tokens`` of
-them) are shuffled together and cut into minibatches of ``batch_size`` tokens, one Adam step each. The layers'
-weights are stacked as ``[n_layers, ...]`` tensors and every operation is batched over the layers.
+captures, at every chosen layer, the dictionary's input and target: the site's tensor for an SAE (input =
+target; sites ``resid``, ``mlp_out``, ``attn_out``, ``neurons``), the MLP module's input and output for a
+transcoder. The forward stops after the last chosen layer (no unembedding). Position 0 (the BOS token, an
+attention sink with huge outlier activations) is dropped. The tokens of a *round* (``buffer_tokens``) are
+shuffled together and cut into minibatches of ``batch_size`` tokens, one Adam step each. The layers' weights
+are stacked as ``[n_layers, ...]`` tensors and every operation is batched over the layers.
 
-Architecture (Gao et al. 2024, "Scaling and evaluating sparse autoencoders"): ``f = TopK(ReLU(x W_enc + b_enc))``
-(the ``k`` largest kept), ``x_hat = f W_dec + b_dec``; decoder rows of unit norm (renormalised after every step,
-and the gradient component parallel to each row removed before it); ``W_enc`` initialised as ``W_dec.T`` (random
-unit rows), ``b_dec`` as the mean of the first round's targets and ``b_enc`` so that the first round's mean input
-maps to zero pre-activations. Inputs and targets are divided by a fixed per-layer scale (their RMS over the first
-round) during training, so the learning rate means the same on every site; the scales are folded into the saved
-weights (latents come out multiplied by the target's scale, decoder rows stay unit-norm).
+Architecture (Gao et al. 2024, "Scaling and evaluating sparse autoencoders"): ``f = TopK(ReLU(x W_enc +
+b_enc))`` (the ``k`` largest kept), ``x_hat = f W_dec + b_dec``; decoder rows of unit norm (renormalised after
+every step, and each row's gradient component along the row removed before it); ``W_enc`` initialised as
+``W_dec.T`` (random unit rows; a tenth of that for transcoders, whose input and output spaces differ, so that
+their first reconstructions are near ``b_dec`` rather than noise), ``b_dec`` as the first round's mean target
+and ``b_enc`` so that the first round's mean input has zero pre-activations. During training, inputs and
+targets are divided by a fixed per-layer scale (their RMS over the first round), so that the learning rate
+means the same on every site; the scales are folded into the saved weights (latents come out multiplied by the
+target's scale, decoder rows stay unit-norm).
 
-Loss: MSE normalised by the target's variance (per layer, from the first round), plus ``aux_coeff`` (1/32) times
-the AuxK loss: the ``aux_k`` largest pre-activations among the *dead* latents (not fired in the last
-``dead_tokens`` training tokens) reconstruct the main reconstruction's error, normalised by that error's
-variance. AuxK runs on the first quarter of each (shuffled) minibatch, on the dead latents' columns only. ``dead_tokens``
-defaults to a tenth of the run (at least 10 000, at most 10 M tokens, Gao et al.'s window): a short run's
-window must be short enough to act within it, and long enough that a latent of ordinary density
-(``k / d_sae`` of the tokens) would have fired many times.
+Loss: MSE normalised by the target's variance (per layer, from the first round), plus ``aux_coeff`` (1/32)
+times the AuxK loss: the ``aux_k`` (``d_in / 2``) largest pre-activations among the *dead* latents (not fired
+in the last ``dead_tokens`` training tokens) reconstruct the main reconstruction's error, normalised by that
+error's variance; it runs on the first quarter of each (shuffled) minibatch and only on the dead latents'
+columns. ``dead_tokens`` defaults to a tenth of the run, within [10 000, 10 M] (10 M is Gao et al.'s window):
+a short run's window must be short enough to act within the run, and long enough that a latent of ordinary
+density (``k / d_sae``, 1/64 with the defaults) would have fired many times (here: over 150 times).
 
-Adam (betas 0.9, 0.999, eps 6.25e-10 as Gao et al.), learning rate ``lr`` (default ``2e-4 / sqrt(d_sae /
-16384)``, Gao et al.'s scaling law for the learning rate, which fits short runs well), constant, then decayed
-linearly to zero over the last ``lr_decay`` (20 %) of the tokens. Main reconstruction and gradients are exact
-float32 (sparse decoding with ``embedding_bag``); with ``precision="bfloat16"`` (the default where the device
-multiplies bfloat16 fast) the dense encoder matmul and the AuxK matmuls run in bfloat16.
+Optimiser: Adam (betas 0.9, 0.999, eps 6.25e-10, as Gao et al.), learning rate ``lr``, by default Gao et al.'s
+scaling law ``2e-4 / sqrt(d_sae / 16384)``, constant, then decayed linearly to zero over the last
+``lr_decay`` (20 %) of the tokens. The main reconstruction and every gradient of it are exact float32 and sparse (sums of ``k`` decoder rows, aten's
+``embedding_bag`` kernels, no dense ``[tokens, d_sae]`` tensor but the pre-activations); with
+``precision="bfloat16"`` (the default where the device multiplies bfloat16 fast) the dense encoder matmul runs
+in bfloat16.
 
-Checkpoints: every ``checkpoint_every_s`` seconds (default 60, ``$NEURONTRACE_CHECKPOINT_SECONDS``) and when the
-training tokens are reached, ``OUT/checkpoint.safetensors`` is replaced atomically: weights, Adam state, dead-
-latent counters, scales, the shuffling generator's state, and (as JSON in the safetensors header) the settings
-and the progress (tokens and blocks consumed). A rerun with the same settings resumes from it and ends with the
-same weights as an uninterrupted run; other settings are refused (another ``out`` or ``fresh=True``).
+Checkpoints: every ``checkpoint_every_s`` seconds (default 60, or ``$NEURONTRACE_CHECKPOINT_SECONDS``) and
+when the training tokens are reached, ``OUT/checkpoint.safetensors`` is replaced atomically: weights, Adam
+state, dead-latent counters, scales, the shuffling generator's state, and (JSON in the safetensors header) the
+settings and the progress (tokens and blocks consumed, seconds). Checkpoints fall between rounds, so a rerun
+with the same settings resumes from one and ends with the same weights as an uninterrupted run; other settings
+are refused (another ``out``, or ``fresh=True``). A ``sample:N`` corpus keeps its samples in ``OUT`` as well.
 
-Metrics (on held-out blocks, the corpus's first ``held_out`` tokens, never trained on): fraction of variance
+Metrics, on held-out blocks (the corpus's first ``held_out`` tokens, never trained on): fraction of variance
 explained, mean L0, dead latents (never fired over the held-out tokens and the last ``dead_tokens`` training
 tokens), and the next-token loss (mean cross-entropy in nats over the held-out predictions from position 1 on)
-with the dictionary's reconstruction replacing the site at one layer at a time (without the error term; position
-0 keeps its own activation, as the dictionary never saw it), minus the clean loss.
+with the dictionary's reconstruction in place of the site at one layer at a time, without the error term
+(position 0 keeps its own activation: the dictionary never saw it), minus the clean loss.
 
-Output: SAE mode writes one SAELens folder per layer, ``OUT/<hook name>/`` (e.g. ``OUT/blocks.5.hook_mlp_out``),
-so ``OUT`` is a basis (``load_basis(OUT)``, ``--site sae:OUT``); transcoder mode writes a circuit-tracer transcoder
-set into ``OUT`` (``--site transcoder:OUT``). Both also write ``OUT/training.json`` (settings, metrics per layer,
-tokens, seconds, machine); the checkpoint is removed once everything is written.
+Output: SAE mode writes one SAELens folder per layer, ``OUT/<hook name>/`` (e.g.
+``OUT/blocks.5.hook_mlp_out``), so that ``OUT`` is a basis (``load_basis(OUT)``, ``--site sae:OUT``);
+transcoder mode writes a circuit-tracer transcoder set into ``OUT`` (``--site transcoder:OUT``). Both write
+``OUT/training.json`` (settings, metrics per layer, tokens, seconds, machine), and the checkpoint is removed
+once everything is written.
 """
 
 from __future__ import annotations
@@ -127,9 +132,7 @@ class TrainConfig:
     aux_coeff: float = 1 / 32
     dead_tokens: int | None = None  # default: tokens // 10 within [10_000, 10_000_000]
     lr_decay: float = 0.2  # fraction of the run at the end over which lr decays linearly to 0
-    precision: str | None = (
-        None  # "bfloat16" or "float32" for the dense matmuls; default: bfloat16 where fast
-    )
+    precision: str | None = None  # "bfloat16"/"float32" dense matmuls; default: bfloat16 where fast
 
     def settings(self, model: Any, corpus: str) -> dict[str, Any]:
         """Every setting resolved against ``model`` (what a checkpoint must match to resume), or a one-line error."""
@@ -267,6 +270,27 @@ def _capture(model: Any, ids: torch.Tensor, layers: list[int], kind: str, site: 
     x = torch.stack([inputs[layer] for layer in layers])
     y = x if kind == "sae" else torch.stack([targets[layer] for layer in layers])
     return x, y, (out.logits if logits else None)
+
+
+def _round_activations(
+    model: Any, blocks: torch.Tensor, s: dict, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inputs and targets ``[L, blocks * (T - 1), d]`` of a round's blocks, filled one forward batch at a time."""
+    L, per_block = len(s["layers"]), blocks.shape[1] - 1
+    x = y = None
+    at = 0
+    for chunk in blocks.split(FORWARD_BATCH):
+        cx, cy, _ = _capture(model, chunk, s["layers"], s["kind"], s["site"], device)
+        n = chunk.shape[0] * per_block
+        if x is None:
+            x = torch.empty(L, blocks.shape[0] * per_block, cx.shape[-1], device=device)
+            y = x if cy is cx else torch.empty(L, blocks.shape[0] * per_block, cy.shape[-1], device=device)
+        x[:, at : at + n] = cx.reshape(L, n, -1)
+        if y is not x:
+            y[:, at : at + n] = cy.reshape(L, n, -1)
+        at += n
+        del cx, cy
+    return x, y
 
 
 # ------------------------------------------------------------------------------------------------ the stack
@@ -744,15 +768,7 @@ def train_dictionaries(
             blocks = torch.stack(
                 [next(stream) for _ in range(min(round_blocks, math.ceil(remaining / per_block)))]
             )
-            xs, ys = [], []
-            for chunk in blocks.split(FORWARD_BATCH):
-                x, y, _ = _capture(
-                    model, chunk, settings["layers"], settings["kind"], settings["site"], device
-                )
-                xs.append(x.reshape(L, -1, x.shape[-1]))
-                ys.append(xs[-1] if settings["kind"] == "sae" else y.reshape(L, -1, y.shape[-1]))
-            x = torch.cat(xs, dim=1)
-            y = x if settings["kind"] == "sae" else torch.cat(ys, dim=1)
+            x, y = _round_activations(model, blocks, settings, device)
             if progress_state["rounds"] == 0:
                 stack.initialise(x, y, generator)
             x.div_(stack.scale_in[:, None, None])
@@ -770,6 +786,7 @@ def train_dictionaries(
                 if bar is not None:
                     bar.update(part.numel())
                     bar.set_postfix(fvu=f"{stack.last_fvu:.3f}", refresh=False)
+            del x, y  # before the next round's buffer is filled
             progress_state["blocks"] += blocks.shape[0]
             progress_state["rounds"] += 1
             saved = False
