@@ -120,7 +120,8 @@ FULL = {
 }
 QUICK = {"pairs": 1, "graphs": [("The keys to the cabinet", " are")]}
 NODE_THRESHOLD = 0.005
-RULES = {"default": {}, "attention-off": {"attention": False}}
+# variant -> a preset of neurontrace's RULE_PRESETS ("transluce" is TRANSLUCE_RULES: the attention rule off)
+RULES = {"default": "relp", "attention-off": "transluce"}
 
 
 class ReferenceUnavailable(RuntimeError):
@@ -346,7 +347,7 @@ import torch
 START = time.perf_counter()
 from neurontrace.models.loading import load_model
 from neurontrace.attribution.api import attribute
-from neurontrace.attribution.replacement import RelPRules
+from neurontrace.attribution.replacement import RULE_PRESETS
 from neurontrace.tokens import encode, single_token_id
 model = load_model("smollm2-135m", device="cpu")
 load_s = time.perf_counter() - START
@@ -362,7 +363,7 @@ def logit_diff(lg):
     return last[rows, answer] - last[rows, contrast]
 
 result, seconds, peak = measured(lambda: attribute(
-    model, prompts=prompts, answers=SPEC["answers"], metric_fn=logit_diff, rules=RelPRules(**SPEC["rules"]),
+    model, prompts=prompts, answers=SPEC["answers"], metric_fn=logit_diff, rules=RULE_PRESETS[SPEC["rules"]],
     batch_size=len(prompts), keep_per_example=True))
 torch.save({"scores": result.tensors()["scores"], "logits": logits, "ids": ids,
             "metric": result.tensors()["metric_clean"]}, SPEC["out"])
@@ -374,14 +375,14 @@ import torch
 START = time.perf_counter()
 from neurontrace.models.loading import load_model
 from neurontrace.graphs.build import build_graph
-from neurontrace.attribution.replacement import RelPRules
+from neurontrace.attribution.replacement import RULE_PRESETS
 model = load_model("smollm2-135m", device="cpu")
 load_s = time.perf_counter() - START
 with torch.no_grad():
     model.forward(model.tokenize(SPEC["prompt"]))  # warm-up
 graph, seconds, peak = measured(lambda: build_graph(
     model, SPEC["prompt"], answers=[SPEC["answer"]], node_threshold=SPEC["node_threshold"], max_nodes=None,
-    rules=RelPRules(**SPEC["rules"])))
+    rules=RULE_PRESETS[SPEC["rules"]]))
 nodes = [(n.kind, n.layer, n.position, n.index, n.activation, n.attribution) for n in graph.nodes]
 torch.save({"nodes": nodes, "adjacency": graph.adjacency, "ids": graph.token_ids,
             "metric": graph.meta["metric_value"]}, SPEC["out"])

@@ -78,6 +78,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 
 
 def _build_parser() -> argparse.ArgumentParser:
+    from neurontrace.commands._common import add_node_args, add_rule_args
+
     parser = argparse.ArgumentParser(
         prog="neurontrace",
         description=(
@@ -157,9 +159,8 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--baseline", default="zero", choices=["zero", "mean"], help="baseline without a counterfactual"
     )
-    p.add_argument(
-        "--gate", default="half", choices=["half", "detach", "plain"], help="RelP rule for gated MLPs"
-    )
+    add_rule_args(p)
+    add_node_args(p)
     p.add_argument("--steps", type=int, default=32, help="integrated-gradients steps")
     p.add_argument(
         "--ig-rule", default="midpoint", choices=["midpoint", "left"], help="integrated-gradients rule"

@@ -19,8 +19,9 @@ from typing import Any
 import torch
 
 from neurontrace import __version__, distributed, memory
+from neurontrace.attribution.blacklist import Blacklist, blacklist_for
 from neurontrace.attribution.engine import METHODS, BatchAttributor, run_sites
-from neurontrace.attribution.metrics import Metric, make_metric
+from neurontrace.attribution.metrics import Metric, check_centred, make_metric
 from neurontrace.attribution.replacement import RelPRules
 from neurontrace.attribution.result import SCHEMA_VERSION, AttributionResult
 from neurontrace.errors import NeurontraceError, TokenizationError
@@ -130,13 +131,18 @@ def _locate(model: NeuronModel, chunk: Sequence[Example], start: int, metric, me
 
 
 def _metric_for(
-    model: NeuronModel, examples: Sequence[Example], kind: str, fn: Callable | None, k: int
+    model: NeuronModel,
+    examples: Sequence[Example],
+    kind: str,
+    fn: Callable | None,
+    k: int,
+    center: bool = False,
 ) -> tuple[Metric, bool]:
     """The batch's metric; second value: whether the answer tokens are teacher-forced into the prompt."""
     if fn is not None:
         return make_metric("custom", fn=fn), False
     if kind == "topk":
-        return make_metric("topk", k=k), False
+        return make_metric("topk", k=k, center=center), False
     if kind == "logprob" and all(e.patch is None for e in examples):
         answers = [
             model.tokenizer.encode(e.answer, add_special_tokens=False) if e.answer else [] for e in examples
@@ -155,7 +161,7 @@ def _metric_for(
                 "the logit-diff metric needs a contrast answer (--contrast), or use --metric logit"
             )
         contrast = [single_token_id(model, e.contrast) for e in examples]
-    return make_metric(kind, answer=answer, contrast=contrast, k=k), False
+    return make_metric(kind, answer=answer, contrast=contrast, k=k, center=center), False
 
 
 def _tokenize(
@@ -188,6 +194,32 @@ def _fingerprint(model: NeuronModel, examples: Sequence[Example], config: dict) 
     for e in examples:
         digest.update(json.dumps(e.__dict__).encode())
     return digest.hexdigest()[:32]
+
+
+def restrict_scores(
+    scores: torch.Tensor,
+    *,
+    layers: Sequence[int],
+    suffix_length: int | None = None,
+    blacklist: Blacklist | None = None,
+) -> torch.Tensor:
+    """``[B, L, T, d]`` batch scores (left-padded) with the positions before each prompt's last ``suffix_length``
+    and the blacklisted neurons set to 0: the one place both restrictions are applied to attribution scores."""
+    if suffix_length is not None and suffix_length < scores.shape[2]:
+        scores = scores.clone()
+        scores[:, :, : scores.shape[2] - suffix_length] = 0
+    if blacklist is not None:
+        scores = blacklist.apply(scores, layers=layers, layer_dim=1)
+    return scores
+
+
+def check_suffix_length(suffix_length: int | None) -> None:
+    if suffix_length is not None and (
+        isinstance(suffix_length, bool) or not isinstance(suffix_length, int) or suffix_length < 1
+    ):
+        raise NeurontraceError(
+            f"the suffix length must be a whole number >= 1 (the last positions kept), got {suffix_length!r}"
+        )
 
 
 def mean_activations(
@@ -247,6 +279,9 @@ def attribute(
     checkpoint: str | os.PathLike | None = None,
     checkpoint_every_s: float | None = None,
     keep_checkpoint: bool = False,
+    center_logits: bool = False,
+    suffix_length: int | None = None,
+    blacklist: Blacklist | str | os.PathLike | Sequence[Sequence[int]] | None = None,
 ) -> AttributionResult:
     """Attribute a metric to every unit at every layer and position.
 
@@ -267,8 +302,17 @@ def attribute(
     contiguous share of the examples and every process returns the whole, identical result; each then keeps
     its own checkpoint, ``CHECKPOINT.rank{r}-of-{n}``, which resumes with the same number of processes. The
     ``random`` control and runs with fewer examples than processes are not split (every process runs them all).
+
+    ``center_logits``: the ``logit``/``topk`` metric reads logits minus their mean over the vocabulary (the
+    reference code's ``center_logits``). ``suffix_length``: only the last N positions of each prompt (as
+    attributed, teacher-forced answer tokens included) keep their scores, the others score 0 (the reference's
+    ``suffix_length``: nodes of a chat prompt's final tokens only). ``blacklist``: neurons (a
+    :class:`~neurontrace.attribution.blacklist.Blacklist`, a JSON file, or ``(layer, neuron)`` pairs) that score 0
+    at every position, so no circuit selected from the result contains them; ``site="neurons"`` only.
     """
     check_site(site)
+    check_suffix_length(suffix_length)
+    blacklist = blacklist_for(blacklist, model=model, site=site)
     if method not in METHODS:
         raise NeurontraceError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
     if baseline not in ("zero", "mean"):
@@ -291,6 +335,8 @@ def attribute(
         metric = (
             "logit-diff" if examples[0].contrast is not None else ("logit" if examples[0].answer else "topk")
         )
+    if center_logits:
+        check_centred(metric if metric_fn is None else "custom")
     layers = site_layers(model, site) if layers is None else list(layers)
     for layer in layers:
         if not 0 <= layer < model.n_layers:
@@ -302,7 +348,8 @@ def attribute(
         method=method, metric=metric if metric_fn is None else "custom", site=site, layers=layers,
         baseline=None if paired else baseline, rules=rules.to_dict() if method == "relp" else None,
         steps=steps if method.startswith("ig") else None, ig_rule=ig_rule if method.startswith("ig") else None,
-        seed=seed if method == "random" else None,
+        seed=seed if method == "random" else None, center_logits=center_logits, suffix_length=suffix_length,
+        blacklist=None if blacklist is None else blacklist.to_list(),
     )  # fmt: skip
     attributor = BatchAttributor(
         model,
@@ -366,13 +413,19 @@ def attribute(
     last_save = time.monotonic()
     for start in range(state.done, len(mine), batch_size):
         chunk = mine[start : start + batch_size]
-        metric_obj, forced = _metric_for(model, chunk, metric, metric_fn, topk)
+        metric_obj, forced = _metric_for(model, chunk, metric, metric_fn, topk, center_logits)
         clean, patch = _tokenize(model, chunk, metric_obj if forced else None)
         if metric_obj.kind == "topk" and metric_obj.answer is None:
             with torch.no_grad():
                 last = model.forward(clean, logits_to_keep=1).logits[:, -1]
             metric_obj.answer = last.topk(topk, dim=-1).indices.cpu()
         out = attributor(clean, metric_obj, patch=patch, baseline=base)
+        out.scores = restrict_scores(
+            out.scores, layers=layers, suffix_length=suffix_length, blacklist=blacklist
+        )
+        if suffix_length is not None and out.embed_scores is not None and suffix_length < clean.width:
+            out.embed_scores = out.embed_scores.clone()
+            out.embed_scores[:, : clean.width - suffix_length] = 0
         mask = clean.attention_mask.to(out.scores.device)[:, None, :, None].to(out.scores.dtype)
         scores, acts = (out.scores * mask).float().cpu(), (out.acts * mask).float().cpu()
         state.tokens += [
@@ -656,7 +709,7 @@ def verify_top(
         raise NeurontraceError("verification patches the nodes of a single-prompt result")
     examples = [Example(prompt, counterfactual, answer, contrast)]
     kind = metric or result.meta["metric"]
-    metric_obj, forced = _metric_for(model, examples, kind, None, 5)
+    metric_obj, forced = _metric_for(model, examples, kind, None, 5, bool(result.meta.get("center_logits")))
     clean, patch = _tokenize(model, examples, metric_obj if forced else None)
     layers, site = result.layers, result.meta["site"]
     if metric_obj.kind == "topk":

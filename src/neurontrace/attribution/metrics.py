@@ -2,6 +2,11 @@
 
 A metric maps ``logits [B, T', V]`` (``T'`` = the positions kept, the last ``keep`` of the batch) to ``[B]``.
 Gradients of ``metric.sum()`` give every example its own gradient, since examples do not interact.
+
+Centred logits (``center=True``, the reference code's ``center_logits``): each logit read by ``logit`` or ``topk``
+is taken minus the mean logit over the vocabulary at its position, so a node that raises every logit alike
+scores 0. The mean is linear in the final residual stream, so RelP still conserves. It changes nothing for
+``logit-diff`` (the means cancel), ``logprob`` and ``prob`` (softmax ignores a shift), which therefore refuse it.
 """
 
 from __future__ import annotations
@@ -14,6 +19,8 @@ import torch
 from neurontrace.errors import NeurontraceError
 
 METRICS: tuple[str, ...] = ("logit-diff", "logit", "logprob", "prob", "topk")
+CENTRED: tuple[str, ...] = ("logit", "topk")
+"""The metrics that centred logits change (see the module docstring)."""
 
 
 @dataclass
@@ -26,6 +33,7 @@ class Metric:
         contrast: ``[B]`` contrast token ids for ``logit-diff``.
         k: how many top logits ``topk`` sums (their ids are fixed from the clean run: ``answer`` ``[B, k]``).
         fn: a user callable ``fn(logits, batch_rows) -> [B]`` for ``custom``.
+        center: read logits minus their mean over the vocabulary (``logit`` and ``topk`` only).
     """
 
     kind: str
@@ -33,6 +41,7 @@ class Metric:
     contrast: torch.Tensor | None = None
     k: int = 0
     fn: Callable[[torch.Tensor], torch.Tensor] | None = field(default=None, repr=False)
+    center: bool = False
 
     @property
     def keep(self) -> int:
@@ -44,7 +53,7 @@ class Metric:
     def select(self, rows: torch.Tensor | slice) -> Metric:
         """The same metric restricted to some batch rows (or repeated rows)."""
         pick = lambda t: None if t is None else t[rows]  # noqa: E731
-        return Metric(self.kind, pick(self.answer), pick(self.contrast), self.k, self.fn)
+        return Metric(self.kind, pick(self.answer), pick(self.contrast), self.k, self.fn, self.center)
 
     def __call__(self, logits: torch.Tensor) -> torch.Tensor:
         if self.kind == "custom":
@@ -53,6 +62,8 @@ class Metric:
             value = _teacher_forced(logits, self.answer.to(logits.device))
         else:
             last = logits[:, -1].to(torch.promote_types(logits.dtype, torch.float32))
+            if self.center:
+                last = centred(last)
             rows = torch.arange(last.shape[0], device=last.device)
             answer = None if self.answer is None else self.answer.to(last.device)
             if self.kind == "logit-diff":
@@ -79,6 +90,11 @@ class Metric:
         return value
 
 
+def centred(logits: torch.Tensor) -> torch.Tensor:
+    """``logits`` minus their mean over the vocabulary (the last dimension)."""
+    return logits - logits.mean(-1, keepdim=True)
+
+
 def _teacher_forced(logits: torch.Tensor, answer: torch.Tensor) -> torch.Tensor:
     """Sum of log-probs of answer tokens; ``logits[:, -n + j]`` predicts answer token ``j + 1`` (j < n)."""
     n = answer.shape[1]
@@ -97,8 +113,11 @@ def make_metric(
     contrast: Sequence[int] | torch.Tensor | None = None,
     k: int = 5,
     fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    center: bool = False,
 ) -> Metric:
-    """Build a metric by name; checks it has what it needs."""
+    """Build a metric by name; checks it has what it needs. ``center``: centred logits (``logit``, ``topk``)."""
+    if center:
+        check_centred(kind if fn is None else "custom")
     if fn is not None or kind == "custom":
         if fn is None:
             raise NeurontraceError("a custom metric needs a callable fn(logits) -> [batch]")
@@ -113,4 +132,20 @@ def make_metric(
         raise NeurontraceError(f"the {kind} metric needs an answer token")
     if kind == "logit-diff" and contrast is None:
         raise NeurontraceError("the logit-diff metric needs a contrast answer (or use --metric logit)")
-    return Metric(kind, answer, contrast, k)
+    return Metric(kind, answer, contrast, k, center=center)
+
+
+def check_centred(kind: str) -> None:
+    """Centred logits with a metric they do not change (or a custom one) are an error, not a silent no-op."""
+    if kind in CENTRED:
+        return
+    why = {
+        "logit-diff": "the two logits' means cancel in their difference",
+        "logprob": "softmax ignores a shift of every logit",
+        "prob": "softmax ignores a shift of every logit",
+        "teacher-forced": "softmax ignores a shift of every logit",
+        "custom": "a metric function gets the raw logits (centre them in the function)",
+    }.get(kind, "it reads no logits")
+    raise NeurontraceError(
+        f"centred logits do not change the {kind} metric ({why}); use them with the logit or topk metric"
+    )

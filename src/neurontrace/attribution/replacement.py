@@ -20,17 +20,19 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any, Literal
 
 import torch
 from torch import nn
 
+from neurontrace.errors import NeurontraceError
 from neurontrace.hooks import add_input_hook, add_output_hook
 from neurontrace.models.model import NeuronModel, has_module
 from neurontrace.models.placement import loaded_weights
 
 GateRule = Literal["half", "detach", "plain"]
+GATE_RULES: tuple[str, ...] = ("half", "detach", "plain")
 
 
 @dataclass(frozen=True)
@@ -47,6 +49,35 @@ class RelPRules:
 
 
 NO_RULES = RelPRules(norm=False, attention=False, nonlinearity=False, gate="plain")
+
+TRANSLUCE_RULES = RelPRules(attention=False)
+"""The rules of the paper's released code (TransluceAI/circuits, ``use_relp_grad=True``, the default of its
+``Circuit.from_dataset``): LN-rule norms, identity rule (``x * sigmoid(x)`` with the sigmoid detached), half rule,
+but **no attention rule**: its attention wrapper computes a plain softmax, so gradient flows through queries and
+keys too. It is not RelP as METHOD.md defines it: embedding attributions then do not sum to the metric (the
+softmax is not homogeneous in its inputs). ``benchmarks/bench_reference.py`` measured that these rules give the
+reference's node scores (docs/benchmarks.md)."""
+
+RULE_PRESETS: dict[str, RelPRules] = {"relp": RelPRules(), "transluce": TRANSLUCE_RULES, "none": NO_RULES}
+"""Named rule sets: ``relp`` (METHOD.md, the default), ``transluce`` (:data:`TRANSLUCE_RULES`), ``none`` (plain
+gradients through the replacement hooks: AtP's maths)."""
+
+
+def rules_from(
+    preset: str = "relp",
+    *,
+    norm: bool | None = None,
+    attention: bool | None = None,
+    nonlinearity: bool | None = None,
+    gate: GateRule | None = None,
+) -> RelPRules:
+    """The rules of a named preset (:data:`RULE_PRESETS`), each rule given here (not None) overriding it."""
+    if preset not in RULE_PRESETS:
+        raise NeurontraceError(f"unknown rule preset {preset!r}; choose one of {', '.join(RULE_PRESETS)}")
+    if gate is not None and gate not in GATE_RULES:
+        raise NeurontraceError(f"unknown gate rule {gate!r}; choose one of {', '.join(GATE_RULES)}")
+    given = dict(norm=norm, attention=attention, nonlinearity=nonlinearity, gate=gate)
+    return replace(RULE_PRESETS[preset], **{k: v for k, v in given.items() if v is not None})
 
 
 class FrozenFactors:

@@ -7,9 +7,8 @@ from pathlib import Path
 
 from neurontrace import distributed
 from neurontrace.attribution.api import attribute, remove_checkpoint, verify_top
-from neurontrace.attribution.replacement import RelPRules
 from neurontrace.attribution.result import AttributionResult, NodeScore
-from neurontrace.commands._common import model_from_args
+from neurontrace.commands._common import model_from_args, rules_from_args, rules_given
 from neurontrace.errors import NeurontraceError
 from neurontrace.io import check_writable
 
@@ -40,8 +39,13 @@ def run_attribute(args: argparse.Namespace) -> None:
     if args.out or args.dataset:
         out = Path(args.out or f"results/attribution-{args.method}.safetensors")
         check_writable(out, what="--out")  # before any compute
+    if args.method != "relp" and rules_given(args):
+        raise NeurontraceError(
+            f"--rules, --norm, --attention, --identity and --gate set RelP's rules; --method {args.method} "
+            "does not use them (drop them or use --method relp)"
+        )
+    rules = rules_from_args(args)
     model = model_from_args(args)
-    rules = RelPRules(gate=args.gate)
     if args.method == "exact" and args.prompt is not None:
         n_nodes = model.n_layers * model.d_ff * len(model.tokenize(args.prompt).ids(0))
         if n_nodes > EXACT_NODE_LIMIT:
@@ -59,6 +63,9 @@ def run_attribute(args: argparse.Namespace) -> None:
         ig_rule=args.ig_rule,
         batch_size=args.batch_size,
         progress=True,
+        center_logits=args.center_logits,
+        suffix_length=args.suffix_length,
+        blacklist=args.blacklist,
     )
     if args.prompt is not None:
         result = attribute(
@@ -75,7 +82,10 @@ def run_attribute(args: argparse.Namespace) -> None:
     m = result.metric_clean
     print(
         f"Model: {model.name}   method: {args.method}   site: {args.site}   metric: {result.meta['metric']}"
+        + ("   centred logits" if args.center_logits else "")
     )
+    if result.meta.get("rules"):
+        print("RelP rules: " + ", ".join(f"{k}={v}" for k, v in result.meta["rules"].items()))
     if args.prompt is not None:
         line = f"metric on the prompt: {float(m[0]):+.4f}"
         if result.metric_patch is not None:

@@ -13,7 +13,13 @@ from pathlib import Path
 from typing import Any
 
 from neurontrace import distributed
-from neurontrace.commands._common import model_from_args
+from neurontrace.commands._common import (
+    add_node_args,
+    add_rule_args,
+    model_from_args,
+    rules_from_args,
+    rules_given,
+)
 from neurontrace.commands.tasks import sva_task
 from neurontrace.errors import NeurontraceError
 from neurontrace.evaluation.report import write_report
@@ -173,6 +179,8 @@ def run_evaluate(args: argparse.Namespace) -> None:
         scan_limit=args.scan_limit,
         extra={"pairs": data.kept},
         error_nodes=args.error_nodes,
+        **_attribution_settings(args),
+        select=_split_list(args.select),
     )
     dictionaries = {b: dictionary_fingerprint(b) for b in run.bases if is_dictionary(b)}
     if dictionaries:
@@ -202,6 +210,26 @@ def run_evaluate(args: argparse.Namespace) -> None:
     )
     print((out / "report.md").read_text().split("![")[0].rstrip())
     print(f"\nReport: {report}\nPlot:   {out / 'faithfulness.png'}")
+
+
+def _attribution_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """The run's RelP rules (recorded unless they are the default), blacklist and suffix length."""
+    from neurontrace.attribution.blacklist import load_blacklist
+    from neurontrace.attribution.replacement import RelPRules
+
+    relp = "relp" in _split_list(args.methods) or "edges" in _split_list(getattr(args, "select", "nodes"))
+    if rules_given(args) and not relp:
+        raise NeurontraceError(
+            "--rules, --norm, --attention, --identity and --gate set RelP's rules; add relp to --methods or "
+            "drop them"
+        )
+    rules = rules_from_args(args)
+    blacklist = None if args.blacklist is None else load_blacklist(args.blacklist).to_list()
+    return {
+        "rules": None if rules == RelPRules() else rules.to_dict(),
+        "blacklist": blacklist,
+        "suffix_length": args.suffix_length,
+    }
 
 
 def add_evaluate_parser(sub, add_model_args) -> None:
@@ -241,6 +269,15 @@ def add_evaluate_parser(sub, add_model_args) -> None:
         choices=["count", "keep", "ablate"],
         help="a dictionary basis's error nodes (one per layer and position): count = nodes like any latent "
         "(Marks et al.), keep = never ablated and not counted, ablate = always ablated and not counted",
+    )
+    p.add_argument(
+        "--select",
+        default="nodes",
+        help="how circuits are selected, a comma list: nodes = each method's top nodes by |score| (every "
+        "--methods x --bases curve); edges = the neurons with a strong incoming and a strong outgoing edge in "
+        "the attribution graphs of the train prompts (one graph per prompt, RelP; the threshold sweeps edge-weight "
+        "percentiles), one 'relp-edges / neurons' curve on the same test set, ablation and metric; "
+        "e.g. nodes,edges for both",
     )
     p.add_argument("--ablation", default="mean", choices=["mean", "zero", "resample"])
     p.add_argument(
@@ -293,6 +330,8 @@ def add_evaluate_parser(sub, add_model_args) -> None:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="results/evaluate", help="results folder")
+    add_rule_args(p)
+    add_node_args(p, center=False)  # the metric is the logit difference, which centring does not change
     p.add_argument(
         "--fresh",
         action="store_true",

@@ -43,12 +43,24 @@ def add_steer_parser(
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     add_model_args(p)
-    p.add_argument("--prompt", "-p", required=True, help="the prompt text")
+    p.add_argument("--prompt", "-p", help="the prompt text (default with --graph: the graph's prompt)")
     p.add_argument(
         "--neurons",
         "-n",
-        required=True,
-        help="neurons to steer, e.g. 'L12/N345,L20/N7@-1' (@pos pins one prompt position)",
+        help="neurons to steer, e.g. 'L12/N345,L20/N7@-1' (@pos pins one prompt position); or give --cluster",
+    )
+    p.add_argument(
+        "--cluster",
+        metavar="FILE_OR_NAME",
+        help="steer a whole cluster with one --value: a JSON file of nodes (['L3/N7@2', '12_345_3', ...] or "
+        "{'name': ..., 'nodes': [...]}) or the label (or a unique part of it) of a supernode of --graph; prints "
+        "the activation ratio after/before of every other supernode of --graph",
+    )
+    p.add_argument(
+        "--graph",
+        metavar="GRAPH.json",
+        help="with --cluster: a graph file of `neurontrace graph` (its supernodes, else ones found on it, are the "
+        "clusters; its prompt is the default --prompt)",
     )
     p.add_argument("--mode", default="scale", choices=MODES, help="scale (multiply), set, add, or patch")
     p.add_argument(
@@ -143,6 +155,63 @@ def format_sweep(result: SweepResult) -> str:
     return "\n".join(lines)
 
 
+def _run_cluster(args: argparse.Namespace) -> None:
+    """``--cluster``: one edit for every neuron of a cluster, then the output change and the downstream ratios."""
+    from pathlib import Path
+
+    from neurontrace.commands._common import model_from_args
+    from neurontrace.sites import check_site
+    from neurontrace.steering.clusters import (
+        clusters_of_graph,
+        find_cluster,
+        format_ratios,
+        graph_prompt,
+        read_cluster,
+    )
+
+    if args.cluster is None:
+        raise NeurontraceError("--graph goes with --cluster FILE_OR_NAME (the cluster to steer)")
+    if args.neurons is not None:
+        raise NeurontraceError("give --neurons or --cluster, not both")
+    if args.mode == "patch" or args.sweep:
+        raise NeurontraceError("a cluster is steered by --mode scale, set or add, without --sweep")
+    check_site(args.site)
+    others = clusters_of_graph(args.graph) if args.graph else []
+    if Path(args.cluster).is_file():
+        cluster = read_cluster(args.cluster)
+    elif args.graph:
+        cluster = find_cluster(others, args.cluster)
+    else:
+        raise NeurontraceError(
+            f"--cluster {args.cluster!r} is not a file; name a supernode label together with --graph GRAPH.json"
+        )
+    prompt = args.prompt if args.prompt is not None else graph_prompt(args.graph) if args.graph else None
+    if prompt is None:
+        raise NeurontraceError("give --prompt (or --graph, whose prompt is then used)")
+    from neurontrace.steering.clusters import steer_cluster
+
+    model = model_from_args(args)
+    result = steer_cluster(
+        model,
+        prompt=prompt,
+        cluster=cluster,
+        value=args.value,
+        mode=args.mode,
+        others=others,
+        answers=_answers(args.answers),
+        top=args.top,
+        generate=args.generate,
+        site=args.site,
+    )
+    if args.json_out:
+        write_text_atomic(args.json_out, result.to_json())
+    print(f"Model: {model.name} ({model.adapter.family}, {model.n_layers} layers x {model.d_ff} neurons)")
+    print(f"Cluster {result.cluster!r}: {len(result.neurons)} neurons")
+    print(format_steer(result.steer))
+    print()
+    print(format_ratios(result))
+
+
 def run_steer(args: argparse.Namespace) -> None:
     from neurontrace.commands._common import model_from_args
     from neurontrace.steering.steer import steer, sweep
@@ -157,6 +226,10 @@ def run_steer(args: argparse.Namespace) -> None:
         raise NeurontraceError("--sweep varies the value; use --mode scale, set or add")
     from neurontrace.sites import check_site
 
+    if args.cluster is not None or args.graph is not None:
+        return _run_cluster(args)
+    if args.neurons is None or args.prompt is None:
+        raise NeurontraceError("give --prompt and --neurons (or --cluster FILE_OR_NAME with --graph)")
     neurons = parse_neurons(args.neurons)
     check_site(args.site)
     answers = _answers(args.answers)

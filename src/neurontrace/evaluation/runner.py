@@ -22,8 +22,9 @@ from typing import Any
 import torch
 
 from neurontrace import distributed
-from neurontrace.attribution.api import attribute, remove_checkpoint
+from neurontrace.attribution.api import attribute, check_suffix_length, remove_checkpoint
 from neurontrace.attribution.engine import METHODS
+from neurontrace.attribution.replacement import RelPRules
 from neurontrace.attribution.result import AttributionResult
 from neurontrace.errors import NeurontraceError
 from neurontrace.evaluation.faithfulness import (
@@ -43,6 +44,11 @@ from neurontrace.io import write_bytes_atomic, write_text_atomic
 from neurontrace.models.model import NeuronModel
 from neurontrace.sites import check_site
 from neurontrace.tasks.slots import slot_map
+
+SELECTIONS: tuple[str, ...] = ("nodes", "edges")
+"""How circuits are selected: ``nodes`` (each method's ranking of nodes by |score|, every method and basis) and
+``edges`` (the neurons on strong edges of the train prompts' attribution graphs, :mod:`neurontrace.circuits.edges`:
+one more curve per seed, method ``relp-edges``, basis neurons)."""
 
 NODES: tuple[str, ...] = ("per-position", "summed", "slots")
 """Node alignment: (layer, token position, unit); (layer, unit) at every position; (layer, template slot, unit)."""
@@ -110,6 +116,19 @@ class EvaluationRun:
     scan_limit: int = SCAN_LIMIT
     extra: dict[str, Any] = field(default_factory=dict)
     error_nodes: str = "count"  # how a dictionary basis's error nodes count (faithfulness.ERROR_NODES)
+    select: list[str] = field(default_factory=lambda: ["nodes"])  # SELECTIONS: node ranks, graph edges
+    rules: dict[str, Any] | None = None  # RelP rules (RelPRules.to_dict()); None: the default, RelPRules()
+    blacklist: list[list[int]] | None = None  # [layer, neuron] pairs never in a circuit (neurons basis)
+    suffix_length: int | None = None  # only the last N positions of each train prompt keep their scores
+
+    def attribution_options(self, site: str) -> dict[str, Any]:
+        """The keywords of :func:`attribute` (and of ``build_graph``) that this run sets for ``site``."""
+        options: dict[str, Any] = {"suffix_length": self.suffix_length}
+        if self.rules is not None:
+            options["rules"] = RelPRules(**self.rules)
+        if self.blacklist is not None and site == "neurons":  # a blacklist names neurons
+            options["blacklist"] = self.blacklist
+        return options
 
     @property
     def seed_list(self) -> list[int]:
@@ -148,11 +167,25 @@ class EvaluationRun:
             raise NeurontraceError("--seeds and --points must be at least 1 and --scan-limit at least 0")
         if not self.levels or not all(0 < x <= 2 for x in self.levels):
             raise NeurontraceError("--levels must be faithfulness levels such as 0.8,0.9")
+        if self.blacklist is not None and "neurons" not in self.bases:
+            raise NeurontraceError("a blacklist names neurons; add the neurons basis or drop --blacklist")
+        check_suffix_length(self.suffix_length)
+        if not self.select or any(s not in SELECTIONS for s in self.select):
+            raise NeurontraceError(
+                f"--select takes a comma list of {', '.join(SELECTIONS)}, got {self.select}"
+            )
+        if "edges" in self.select and self.nodes == "slots":
+            raise NeurontraceError("edge-based circuits need --nodes per-position or summed, not slots")
 
     def to_dict(self) -> dict[str, Any]:
         data = dict(self.__dict__)
         if not any(is_dictionary(b) for b in self.bases):
             del data["error_nodes"]  # no dictionary: the rule is moot (and older results folders resume)
+        if self.select == ["nodes"]:
+            del data["select"]  # the default: older results folders resume
+        for name in ("rules", "blacklist", "suffix_length"):
+            if data[name] is None:
+                del data[name]  # the default: older results folders resume
         return data
 
 
@@ -205,13 +238,15 @@ def run_evaluation(
     for seed in run.seed_list:
         train, test = splits[seed]
         evalsets: dict[str, EvalSet] = {}
-        for basis in run.bases:
+        for basis in run.bases if "nodes" in run.select else ():
             for method in run.methods:
                 curves.append(
                     _one_curve(
                         model, run, method, basis, seed, train, test, evalsets, out, progress, log, main
                     )
                 )
+        if "edges" in run.select:
+            curves.append(_edge_curve(model, run, seed, train, test, evalsets, out, progress, log, main))
     if main:
         write_text_atomic(out / "curves.json", json.dumps([c.to_dict() for c in curves], indent=2))
     return curves
@@ -248,6 +283,7 @@ def _one_curve(model, run, method, basis, seed, train, test, evalsets, out, prog
                 checkpoint=checkpoint,
                 checkpoint_every_s=30.0,
                 keep_checkpoint=True,
+                **run.attribution_options(site),
             )
             if main:
                 result.save(result_path)
@@ -259,18 +295,7 @@ def _one_curve(model, run, method, basis, seed, train, test, evalsets, out, prog
                 "per-position nodes need train prompts of one token length; use --nodes summed"
             )
     t_attr = time.perf_counter() - start
-    if site not in evalsets:
-        maps = [slot_map(model.tokenizer, p) for p in test] if run.nodes == "slots" else None
-        evalsets[site] = prepare_eval(
-            model,
-            test,
-            site=site,
-            ablation=run.ablation,
-            batch_size=run.batch_size * 4,
-            seed=seed,
-            slot_maps=maps,
-        )
-    evalset = evalsets[site]
+    evalset = _evalset(model, run, site, seed, test, evalsets)
     forwards = evalset.forwards
     start = time.perf_counter()
     scores = evalset.nodes_of(
@@ -316,6 +341,92 @@ def _one_curve(model, run, method, basis, seed, train, test, evalsets, out, prog
     return curve
 
 
+def _evalset(model, run, site, seed, test, evalsets) -> EvalSet:
+    """The test set of ``site`` (prepared once per seed and site, shared by every curve on it)."""
+    if site not in evalsets:
+        maps = [slot_map(model.tokenizer, p) for p in test] if run.nodes == "slots" else None
+        evalsets[site] = prepare_eval(
+            model,
+            test,
+            site=site,
+            ablation=run.ablation,
+            batch_size=run.batch_size * 4,
+            seed=seed,
+            slot_maps=maps,
+        )
+    return evalsets[site]
+
+
+def _edge_curve(model, run, seed, train, test, evalsets, out, progress, log, main) -> Curve:
+    """The edge-based curve of a seed: the attribution graph of every train prompt (targets: its answer and
+    counterfactual answer), edge scores over them, then the sweep of edge percentiles on the neuron test set.
+
+    Launched distributed, every process builds every graph (the edge percentiles need all of them); only the
+    sweep is shared."""
+    from neurontrace.circuits.edges import edge_percentiles, edge_scores, sweep_edges
+    from neurontrace.graphs.build import build_graph
+
+    key = f"relp-edges-neurons-seed{seed}"
+    curve_path = out / "curves" / f"{key}.json"
+    if curve_path.is_file():
+        log(f"  {key}: done already (resumed)")
+        return Curve.from_dict(json.loads(curve_path.read_text()))
+    start = time.perf_counter()
+    get = lambda p, k: p[k] if isinstance(p, dict) else getattr(p, k)  # noqa: E731
+    items: Any = train
+    if progress:
+        from tqdm.auto import tqdm
+
+        items = tqdm(train, desc="attribution graphs", disable=not main)
+    graphs = (
+        build_graph(
+            model,
+            get(p, "clean_prefix"),
+            answers=[get(p, "clean_answer"), get(p, "patch_answer")],
+            **run.attribution_options("neurons"),
+        )
+        for p in items
+    )
+    scores = edge_scores(graphs=graphs, summed=run.nodes == "summed")
+    t_graphs = time.perf_counter() - start
+    evalset = _evalset(model, run, "neurons", seed, test, evalsets)
+    forwards = evalset.forwards
+    start = time.perf_counter()
+    curve = sweep_edges(
+        evalset,
+        scores=scores,
+        percentiles=edge_percentiles(run.points),
+        levels=run.levels,
+        scan_limit=run.scan_limit,
+        seed=seed,
+        progress=progress,
+    )
+    curve.meta = {
+        **curve.meta,
+        "attribution_seconds": t_graphs,
+        "sweep_seconds": time.perf_counter() - start,
+        "sweep_forwards": evalset.forwards - forwards,
+        "test_batches": len(evalset.batches),
+        "nodes": run.nodes,
+        "n_train": len(train),
+        "n_test": len(test),
+        "test_cases": [getattr(p, "case", None) for p in test],
+    }
+    if main:
+        write_text_atomic(curve_path, curve.to_json())
+    found = [
+        f"never reaches {lv.level:g}"
+        if lv.n_nodes is None
+        else f"{lv.n_nodes}{'' if lv.exact else ' (upper bound)'} nodes for {lv.level:g}"
+        for lv in curve.levels
+    ]
+    log(
+        f"  {key}: {len(train)} graphs {t_graphs:.1f} s, sweep {curve.meta['sweep_seconds']:.1f} s; "
+        + ", ".join(found)
+    )
+    return curve
+
+
 def slot_scores(
     model: NeuronModel,
     pairs: Sequence[Any],
@@ -326,6 +437,9 @@ def slot_scores(
     batch_size: int = 16,
     seed: int = 0,
     progress: bool = False,
+    rules: RelPRules | None = None,
+    blacklist: Any = None,
+    suffix_length: int | None = None,
 ) -> torch.Tensor:
     """Mean over ``pairs`` of each template slot's score (its tokens' scores added), ``[L, S, d]``.
 
@@ -345,8 +459,9 @@ def slot_scores(
         items = tqdm(items, desc=f"{method} attribution (slot layouts)", disable=not distributed.is_main())
     for m, group in items:
         result = attribute(
-            model, pairs=group, method=method, site=site, steps=steps, batch_size=batch_size, seed=seed
-        )
+            model, pairs=group, method=method, site=site, steps=steps, batch_size=batch_size, seed=seed,
+            rules=rules, blacklist=blacklist, suffix_length=suffix_length,
+        )  # fmt: skip
         per_position = result.mean_scores  # [L, T, d]
         slots = torch.zeros(per_position.shape[0], n_slots, per_position.shape[2])
         slots.index_add_(1, torch.tensor(m), per_position)
@@ -369,6 +484,7 @@ def _slot_scores_cached(model, run, method, site, seed, train, stem: Path, progr
         batch_size=run.batch_size,
         seed=seed,
         progress=progress,
+        **run.attribution_options(site),
     )
     if main:
         write_bytes_atomic(path, save({"scores": scores.contiguous()}))

@@ -21,9 +21,12 @@ from typing import Any
 
 import torch
 
+from neurontrace.attribution.api import check_suffix_length, restrict_scores
+from neurontrace.attribution.blacklist import Blacklist, blacklist_for
 from neurontrace.attribution.engine import frozen_parameters, run_sites
-from neurontrace.attribution.metrics import make_metric
+from neurontrace.attribution.metrics import centred, make_metric
 from neurontrace.attribution.replacement import RelPRules, _promote, replacement_model
+from neurontrace.errors import NeurontraceError
 from neurontrace.hooks import add_output_hook
 from neurontrace.memory import (
     MAX_CHUNK,
@@ -36,7 +39,7 @@ from neurontrace.memory import (
 )
 from neurontrace.models.model import NeuronModel
 from neurontrace.sites import check_site, dictionary_latents, hook_site, site_layers
-from neurontrace.tokens import single_token_id, token_strings
+from neurontrace.tokens import Batch, pad_id_of, single_token_id, token_strings
 
 NEURON, EMBEDDING, LOGIT, ERROR = "neuron", "embedding", "logit", "error"
 """Node kinds. ``neuron`` is a unit of the graph's basis (a neuron, or a dictionary latent); ``error`` is a
@@ -142,11 +145,222 @@ def select_targets(
     return ids, probs[ids]
 
 
-def build_graph(
+@dataclass
+class TargetGroup:
+    """The target logits at one position: token ids, their probabilities and logits (centred with
+    ``center_logits``), and their weights in the position's metric (the probabilities, normalised)."""
+
+    position: int
+    ids: list[int]
+    probs: torch.Tensor  # [k]
+    logits: torch.Tensor  # [k]
+
+    @property
+    def weights(self) -> torch.Tensor:
+        return (self.probs / self.probs.sum()).to(torch.float32)
+
+
+@dataclass
+class GraphScores:
+    """RelP node scores (zero baseline) of every unit for a graph's targets, one metric per target position.
+
+    ``by_target[g]`` is ``a * dm_g/da`` for the metric ``m_g`` of ``groups[g]`` (the weighted sum of its target
+    logits); the graph's metric is their mean, so its scores are ``scores`` (the mean over positions).
+    ``selectable`` is ``by_target`` with the units that may not be selected (suffix, blacklist; a dictionary's
+    error components) removed: what node selection reads.
+    """
+
+    batch: Batch
+    tokens: list[str]
+    groups: list[TargetGroup]
+    acts: torch.Tensor  # [L, T, width]
+    by_target: torch.Tensor  # [P, L, T, width]
+    metric: list[float]  # [P]
+    selectable: torch.Tensor  # [P, L, T, units]
+
+    @property
+    def scores(self) -> torch.Tensor:
+        return self.by_target.mean(0)
+
+    @property
+    def metric_value(self) -> float:
+        return sum(self.metric) / len(self.metric)
+
+
+def _prompt_batch(model: NeuronModel, prompt: str | Sequence[int]) -> Batch:
+    """A batch of one prompt: text, or token ids used as they are."""
+    if isinstance(prompt, str):
+        return model.tokenize(prompt)
+    ids = [int(i) for i in prompt]
+    if not ids or any(not 0 <= i < model.vocab_size for i in ids):
+        raise NeurontraceError(f"token ids must be a non-empty list of ids below {model.vocab_size}")
+    pad = pad_id_of(model.tokenizer) if model.tokenizer is not None else 0
+    return Batch.from_ids([ids], pad_id=pad)
+
+
+def _decoded(model: NeuronModel, ids: Sequence[int]) -> str:
+    return model.tokenizer.decode(list(ids)) if model.tokenizer is not None else ""
+
+
+def _target_groups(
     model: NeuronModel,
-    prompt: str,
+    batch: Batch,
+    *,
+    answers: Sequence[str] | None,
+    targets: Sequence[tuple[int, str | int]] | None,
+    max_logits: int,
+    logit_mass: float,
+    center_logits: bool,
+) -> list[TargetGroup]:
+    """The graph's targets, by position: ``targets`` (position, token), else ``answers`` or the top tokens at the
+    last position."""
+    T = batch.width
+    if targets is not None and answers:
+        raise NeurontraceError(
+            "give either answers (at the last position) or targets (position, token), not both"
+        )
+    wanted: dict[int, list[int]] = {}
+    for position, token in targets or []:
+        if isinstance(position, bool) or not isinstance(position, int) or not -T <= position < T:
+            raise NeurontraceError(f"target position {position!r} is outside the prompt's {T} tokens")
+        tid = single_token_id(model, token) if isinstance(token, str) else int(token)
+        if not 0 <= tid < model.vocab_size:
+            raise NeurontraceError(
+                f"target token id {tid} is outside the vocabulary ({model.vocab_size} ids)"
+            )
+        ids = wanted.setdefault(position % T, [])
+        if tid in ids:
+            raise NeurontraceError(f"target token {tid} appears twice at position {position % T}")
+        ids.append(tid)
+    if targets is not None and not wanted:
+        raise NeurontraceError("targets is empty; give at least one (position, token)")
+    start = min(wanted, default=T - 1)
+    with torch.no_grad():
+        clean = model.forward(batch, logits_to_keep=T - start).logits[0]  # [T - start, V]
+    groups = []
+    for position in sorted(wanted) if wanted else [T - 1]:
+        logits = clean[position - start]
+        if wanted:
+            ids, probs = wanted[position], logits.float().softmax(-1)[wanted[position]]
+        else:
+            ids, probs = select_targets(
+                model, logits, answers=answers, max_logits=max_logits, logit_mass=logit_mass
+            )
+        shown = centred(logits.float()) if center_logits else logits
+        groups.append(TargetGroup(position, list(ids), probs, shown[ids]))
+    return groups
+
+
+def graph_scores(
+    model: NeuronModel,
+    prompt: str | Sequence[int],
     *,
     answers: Sequence[str] | None = None,
+    targets: Sequence[tuple[int, str | int]] | None = None,
+    max_logits: int = 5,
+    logit_mass: float = 0.95,
+    rules: RelPRules | None = None,
+    site: str = "neurons",
+    center_logits: bool = False,
+    suffix_length: int | None = None,
+    blacklist: Blacklist | str | Sequence[Sequence[int]] | None = None,
+) -> GraphScores:
+    """The targets of a graph and every unit's RelP score for them (what :func:`build_graph` selects nodes by).
+
+    One backward pass per target position (one in an ordinary graph, whose targets are all at the last position).
+    """
+    rules = rules or RelPRules()
+    check_site(site)
+    check_suffix_length(suffix_length)
+    blacklist = blacklist_for(blacklist, model=model, site=site)
+    batch = _prompt_batch(model, prompt)
+    T = batch.width
+    layers = site_layers(model, site)
+    latents = dictionary_latents(site)  # a dictionary site: latents, then error components
+    groups = _target_groups(model, batch, answers=answers, targets=targets, max_logits=max_logits,
+                            logit_mass=logit_mass, center_logits=center_logits)  # fmt: skip
+    selection = attribution_peak(attribution_bytes(Shape.of(model), prompt_len=T))
+    check_fits(selection, what="the graph's node selection", lower="the prompt length", device=model.device)
+    values: list[torch.Tensor] = []
+
+    def weighted_logits(logits: torch.Tensor) -> torch.Tensor:
+        start = T - logits.shape[1]
+        values.clear()
+        for g in groups:
+            at = logits[:, g.position - start].float()
+            at = centred(at) if center_logits else at
+            values.append((at[:, g.ids] * g.weights.to(at.device)).sum(-1))
+        return torch.stack(values, -1).mean(-1)
+
+    metric = make_metric("custom", fn=weighted_logits)
+    by_target = []
+    with frozen_parameters(model):
+        run = run_sites(model, batch, metric, site=site, layers=layers, rules=rules)
+        inputs = [run.acts[layer] for layer in layers]
+        # per layer to the CPU first: a device map may spread the layers over devices
+        acts = torch.stack([a[0].detach().float().cpu() for a in inputs])  # [L, T, d]
+        for j, value in enumerate(values):
+            grads = torch.autograd.grad(value.sum(), inputs, retain_graph=j < len(values) - 1)
+            by_target.append(acts * torch.stack([g[0].float().cpu() for g in grads]))
+    by_target_t = torch.stack(by_target)  # [P, L, T, d]
+    # the suffix and the blacklist restrict which neurons can be selected, not their scores
+    limits = dict(layers=layers, suffix_length=suffix_length, blacklist=blacklist)
+    eligible = restrict_scores(by_target_t, **limits)
+    # a dictionary's error components are not selected alone
+    selectable = eligible if latents is None else eligible[..., :latents]
+    tokens = token_strings(model, batch.ids(0))
+    metric_values = [float(v[0].detach()) for v in values]
+    return GraphScores(batch, tokens, groups, acts, by_target_t, metric_values, selectable)
+
+
+def select_neurons(
+    scores: GraphScores, *, node_threshold: float, max_nodes: int | None
+) -> tuple[list[tuple[int, int, int]], int]:
+    """``(layer index, position, unit)`` of the selected units and how many reach the threshold.
+
+    A unit is kept when its score for some target position is at least ``node_threshold`` times that position's
+    metric (with one target position: ``|a * dm/da| >= node_threshold * |m|``); at most ``max_nodes``, the
+    largest first (relative to their position's metric when there are several).
+    """
+    units = scores.selectable
+    P, _, T, d = units.shape
+    flat = units.flatten(1).abs()  # [P, L * T * d]
+    above = torch.zeros(flat.shape[1], dtype=torch.bool)
+    for g in range(P):
+        above |= flat[g] >= node_threshold * abs(scores.metric[g])
+    if P == 1:
+        rank = flat[0]
+    else:
+        scale = torch.tensor([abs(v) if v != 0 else 1.0 for v in scores.metric])[:, None]
+        rank = (flat / scale).max(0).values
+    keep = above.nonzero().flatten()
+    if max_nodes is not None and keep.numel() > max_nodes:
+        keep = keep[rank[keep].topk(max_nodes).indices]
+    return sorted((int(i) // (T * d), (int(i) // d) % T, int(i) % d) for i in keep), int(above.sum())
+
+
+def _given_neurons(
+    neurons: Sequence[tuple[int, int, int]], *, layers: Sequence[int], T: int, units: int
+) -> list[tuple[int, int, int]]:
+    """``(layer, position, unit)`` given by the caller, checked, as sorted ``(layer index, position, unit)``."""
+    chosen = set()
+    for layer, position, unit in neurons:
+        if layer not in layers or not -T <= position < T or not 0 <= unit < units:
+            raise NeurontraceError(
+                f"neuron (layer {layer}, position {position}, index {unit}) is not in this graph: layers "
+                f"{layers[0]}-{layers[-1]}, {T} positions, {units} units a layer"
+            )
+        chosen.add((list(layers).index(layer), position % T, int(unit)))
+    return sorted(chosen)
+
+
+def build_graph(
+    model: NeuronModel,
+    prompt: str | Sequence[int],
+    *,
+    answers: Sequence[str] | None = None,
+    targets: Sequence[tuple[int, str | int]] | None = None,
+    neurons: Sequence[tuple[int, int, int]] | None = None,
     max_logits: int = 5,
     logit_mass: float = 0.95,
     node_threshold: float = 0.005,
@@ -155,6 +369,11 @@ def build_graph(
     chunk_size: int | None = None,
     progress: bool = False,
     site: str = "neurons",
+    center_logits: bool = False,
+    suffix_length: int | None = None,
+    blacklist: Blacklist | str | Sequence[Sequence[int]] | None = None,
+    edges: str = "relp",
+    edge_steps: int = 16,
 ) -> AttributionGraph:
     """Build the attribution graph of one prompt.
 
@@ -165,51 +384,53 @@ def build_graph(
 
     ``site`` may be a dictionary (``sae:DIR``, ``transcoder:DIR``): its latents are then the units, selected the
     same way, and its error term at every (layer, position) is one more source node (kind ``error``).
+
+    ``center_logits``: the targets are logits minus their mean over the vocabulary (node selection, the logit
+    nodes' values and the edges into them). ``suffix_length``: neurons are selected only at the prompt's last N
+    positions. ``blacklist``: neurons never selected (see :mod:`neurontrace.attribution.blacklist`).
+
+    ``edges``: ``relp`` (direct effects, below), or ``ig`` / ``conductance`` with ``edge_steps`` steps
+    (:mod:`neurontrace.graphs.ig_edges`); nodes are selected by RelP either way.
+
+    ``prompt`` may be token ids (used as they are). ``targets``: ``(position, token)`` pairs instead of answers,
+    at any positions (a token is a string or an id): each position's metric is the probability-weighted sum of
+    its targets' logits, the graph's metric their mean (logit node weights sum to 1), a neuron is kept when its
+    score for some position reaches ``node_threshold`` times that position's metric, and with several positions
+    each neuron's scores per position are in ``extra["attribution_by_target"]`` (order of
+    ``meta["target_positions"]``); :mod:`neurontrace.graphs.rollout` builds such graphs. ``neurons``: the
+    ``(layer, position, index)`` units to use as nodes instead of the selection (edges do not depend on which
+    other units are nodes).
     """
+    from neurontrace.graphs.ig_edges import check_edges, integrated_edges
+
     rules = rules or RelPRules()
     check_site(site)
-    batch = model.tokenize(prompt)
-    T = batch.width
+    check_edges(edges, edge_steps)
+    check_suffix_length(suffix_length)
+    blacklist = blacklist_for(blacklist, model=model, site=site)
     layers = site_layers(model, site)
     latents = dictionary_latents(site)  # a dictionary site: latents, then error components
-    with torch.no_grad():
-        clean_logits = model.forward(batch, logits_to_keep=1).logits[0, -1]
-    target_ids, target_probs = select_targets(
-        model, clean_logits, answers=answers, max_logits=max_logits, logit_mass=logit_mass
-    )
-    weights = (target_probs / target_probs.sum()).to(torch.float32)
 
     # 1. Node selection: RelP node scores (total effects) for the weighted target logits.
-    selection = attribution_peak(attribution_bytes(Shape.of(model), prompt_len=T))
-    check_fits(selection, what="the graph's node selection", lower="the prompt length", device=model.device)
+    s = graph_scores(model, prompt, answers=answers, targets=targets, max_logits=max_logits,
+                     logit_mass=logit_mass, rules=rules, site=site, center_logits=center_logits,
+                     suffix_length=suffix_length, blacklist=blacklist)  # fmt: skip
+    batch, tokens, acts, scores, m = s.batch, s.tokens, s.acts, s.scores, s.metric_value
+    T, P = batch.width, len(s.groups)
+    if P > 1 and edges != "relp":
+        raise NeurontraceError(f"{edges} edges need every target at the last position; use edges='relp'")
+    chosen, n_above = select_neurons(s, node_threshold=node_threshold, max_nodes=max_nodes)
+    if neurons is not None:
+        chosen = _given_neurons(neurons, layers=layers, T=T, units=s.selectable.shape[-1])
 
-    def weighted_logits(logits: torch.Tensor) -> torch.Tensor:
-        last = logits[:, -1].float()
-        return (last[:, target_ids] * weights.to(last.device)).sum(-1)
-
-    metric = make_metric("custom", fn=weighted_logits)
-    with frozen_parameters(model):
-        run = run_sites(model, batch, metric, site=site, layers=layers, rules=rules)
-        grads = torch.autograd.grad(run.metric.sum(), [run.acts[layer] for layer in layers])
-    m = float(run.metric[0].detach())
-    # per layer to the CPU first: a device map may spread the layers over devices
-    acts = torch.stack([run.acts[layer][0].detach().float().cpu() for layer in layers])  # [L, T, d]
-    scores = acts * torch.stack([g[0].float().cpu() for g in grads])
-    units = scores if latents is None else scores[..., :latents]  # error components are not selected alone
-    d = units.shape[-1]
-    flat = units.flatten().abs()
-    keep = (flat >= node_threshold * abs(m)).nonzero().flatten()
-    if max_nodes is not None and keep.numel() > max_nodes:
-        keep = keep[flat[keep].topk(max_nodes).indices]
-    chosen = sorted((int(i) // (T * d), (int(i) // d) % T, int(i) % d) for i in keep)
-
-    tokens = token_strings(model, batch.ids(0))
     nodes = [GraphNode(EMBEDDING, -1, p, int(batch.input_ids[0, p]), 0.0, token=tokens[p]) for p in range(T)]
     for li, pos, unit in chosen:
         nodes.append(
             GraphNode(NEURON, layers[li], pos, unit, float(acts[li, pos, unit]), float(scores[li, pos, unit]),
                       token=tokens[pos])
         )  # fmt: skip
+        if P > 1:
+            nodes[-1].extra["attribution_by_target"] = s.by_target[:, li, pos, unit].tolist()
     if latents is not None:  # every error term, as circuit-tracer keeps them: activation = its norm
         errors = scores[..., latents:].sum(-1)  # [L, T]
         norms = acts[..., latents:].norm(dim=-1)
@@ -217,14 +438,24 @@ def build_graph(
             for pos in range(T):
                 nodes.append(GraphNode(ERROR, layer, pos, -1, float(norms[li, pos]), float(errors[li, pos]),
                                        token=tokens[pos]))  # fmt: skip
-    for tid, w, p in zip(target_ids, weights.tolist(), target_probs.tolist(), strict=True):
-        nodes.append(
-            GraphNode(LOGIT, model.n_layers, T - 1, tid, float(clean_logits[tid]), w, model.token_str(tid), p)
-        )
+    for g in s.groups:  # with several target positions, each position's weights sum to 1 / P
+        for tid, w, p, value in zip(
+            g.ids, g.weights.tolist(), g.probs.tolist(), g.logits.tolist(), strict=True
+        ):
+            nodes.append(
+                GraphNode(LOGIT, model.n_layers, g.position, tid, value, w / P, model.token_str(tid), p)
+            )
 
-    adjacency = direct_effects(
-        model, batch, nodes, rules=rules, chunk_size=chunk_size, progress=progress, site=site
-    )
+    if edges == "relp":
+        adjacency = direct_effects(
+            model, batch, nodes, rules=rules, chunk_size=chunk_size, progress=progress, site=site,
+            center_logits=center_logits,
+        )  # fmt: skip
+    else:
+        adjacency = integrated_edges(
+            model, batch, nodes, method=edges, steps=edge_steps, chunk_size=chunk_size, progress=progress,
+            site=site, center_logits=center_logits,
+        )  # fmt: skip
     meta = {
         "model": model.name,
         "family": model.adapter.family,
@@ -235,12 +466,24 @@ def build_graph(
         "node_threshold": node_threshold,
         "max_nodes": max_nodes,
         "rules": rules.to_dict(),
-        "neurons_above_threshold": int((flat >= node_threshold * abs(m)).sum()),
+        "center_logits": center_logits,
+        "suffix_length": suffix_length,
+        "blacklist": None if blacklist is None else blacklist.to_list(),
+        "neurons_above_threshold": n_above,
         "site": site,
+        "edges": edges,
     }
+    if P > 1:
+        meta["metric"] = "mean over target positions of the probability-weighted sum of their target logits"
+        meta["target_positions"] = [g.position for g in s.groups]
+    if neurons is not None:
+        meta["neurons"] = "given"
+    if edges != "relp":
+        meta["edge_steps"] = edge_steps
     if latents is not None:
         meta["d_sae"] = latents
-    return AttributionGraph(prompt, tokens, batch.ids(0), nodes, adjacency, meta)
+    text = prompt if isinstance(prompt, str) else _decoded(model, batch.ids(0))
+    return AttributionGraph(text, tokens, batch.ids(0), nodes, adjacency, meta)
 
 
 def direct_effects(
@@ -253,6 +496,7 @@ def direct_effects(
     progress: bool = False,
     site: str = "neurons",
     _full_leaves: bool = False,
+    center_logits: bool = False,
 ) -> torch.Tensor:
     """The ``[N, N]`` matrix of direct effects between ``nodes`` (row: target, column: source).
 
@@ -265,12 +509,14 @@ def direct_effects(
 
     Each chunk of targets lies in one layer (logits: their own chunks), so its backward seeds one site tensor and
     traverses only the layers below it. ``_full_leaves`` runs the former computation (every site tensor a leaf,
-    chunks across layers), kept for tests and ``benchmarks/bench_graph.py``.
+    chunks across layers), kept for tests and ``benchmarks/bench_graph.py``. ``center_logits``: the logit targets
+    are the logits minus their mean over the vocabulary.
     """
     if _full_leaves:
         return _direct_effects_full_leaves(
-            model, batch, nodes, rules=rules, chunk_size=chunk_size, progress=progress, site=site
-        )
+            model, batch, nodes, rules=rules, chunk_size=chunk_size, progress=progress, site=site,
+            center_logits=center_logits,
+        )  # fmt: skip
     layers = site_layers(model, site)
     latents = dictionary_latents(site)
     T = batch.width
@@ -318,15 +564,18 @@ def direct_effects(
         embeds.append(s)
         return (_promote(y.detach()) * s[:, None]).to(y.dtype)
 
+    first = min((n.position for n in nodes if n.kind == LOGIT), default=batch.width - 1)
     with frozen_parameters(model), replacement_model(model, rules) as rep:
         handles = [add_output_hook(model.embed, on_embed)]
         handles += [hook_site(model, site, layer, swap(layer)) for layer in layers]
         try:
-            with torch.enable_grad():
-                logits = rep.logits(model.forward(batch, logits_to_keep=1))[0, -1]
+            with torch.enable_grad():  # logits from the first target position on: [T - first, V]
+                logits = rep.logits(model.forward(batch, logits_to_keep=batch.width - first))[0]
         finally:
             for h in handles:
                 h.remove()
+        if center_logits:
+            logits = centred(_promote(logits))
         index = {n.key: i for i, n in enumerate(nodes)}
         embed_keys = [(EMBEDDING, -1, p, int(batch.input_ids[0, p])) for p in range(T)]
         embed_columns = torch.tensor([index[key] for key in embed_keys])
@@ -350,7 +599,8 @@ def direct_effects(
             progress_chunks = tqdm(chunks, desc="graph edges", unit="chunk", leave=False)
         for target_layer, rows in progress_chunks:
             if target_layer == model.n_layers:
-                values = logits[torch.tensor([nodes[i].index for i in rows], device=logits.device)]
+                pos = torch.tensor([nodes[i].position - first for i in rows], device=logits.device)
+                values = logits[pos, torch.tensor([nodes[i].index for i in rows], device=logits.device)]
             else:
                 x = live[target_layer]
                 pos = torch.tensor([nodes[i].position for i in rows], device=x.device)
@@ -398,6 +648,7 @@ def _direct_effects_full_leaves(
     chunk_size: int | None = None,
     progress: bool = False,
     site: str = "neurons",
+    center_logits: bool = False,
 ) -> torch.Tensor:
     """The former computation of :func:`direct_effects` (same edges): every layer's whole site tensor a leaf,
     chunks of targets across layers, every chunk's backward returning ``[K, 1, T, width]`` per source layer."""
@@ -420,15 +671,18 @@ def _direct_effects_full_leaves(
         embeds.append(y)
         return y
 
+    first = min((n.position for n in nodes if n.kind == LOGIT), default=batch.width - 1)
     with frozen_parameters(model), replacement_model(model, rules) as rep:
         handles = [add_output_hook(model.embed, on_embed)]
         handles += [hook_site(model, site, layer, swap(layer)) for layer in layers]
         try:
-            with torch.enable_grad():
-                logits = rep.logits(model.forward(batch, logits_to_keep=1))[0, -1]
+            with torch.enable_grad():  # logits from the first target position on: [T - first, V]
+                logits = rep.logits(model.forward(batch, logits_to_keep=batch.width - first))[0]
         finally:
             for h in handles:
                 h.remove()
+        if center_logits:
+            logits = centred(_promote(logits))
         e = embeds[0]
         index = {n.key: i for i, n in enumerate(nodes)}
         neuron_nodes = [(i, n) for i, n in enumerate(nodes) if n.kind == NEURON]
@@ -437,7 +691,11 @@ def _direct_effects_full_leaves(
         values = []
         for i in target_rows:
             n = nodes[i]
-            values.append(live[n.layer][0, n.position, n.index] if n.kind == NEURON else logits[n.index])
+            values.append(
+                live[n.layer][0, n.position, n.index]
+                if n.kind == NEURON
+                else logits[n.position - first, n.index]
+            )
         # on one device (layers may sit on several) and in float32 (the seeds of the batched backward)
         targets = torch.stack([_promote(v.to(logits.device)) for v in values])
         source_layers = sorted({n.layer for _, n in neuron_nodes + error_nodes})

@@ -1,5 +1,6 @@
 """Steering: edit chosen neurons (scale, set, add, patch) and measure the change in prediction and generated text."""
 
+from neurontrace.steering.clusters import Cluster, ClusterSteerResult, steer_cluster
 from neurontrace.steering.steer import (
     MODES,
     AnswerChange,
@@ -15,11 +16,14 @@ from neurontrace.steering.steer import (
 __all__ = [
     "MODES",
     "AnswerChange",
+    "Cluster",
+    "ClusterSteerResult",
     "SteerResult",
     "SweepResult",
     "check_neurons",
     "greedy_generate",
     "steer",
+    "steer_cluster",
     "steering_edits",
     "sweep",
 ]
