@@ -20,12 +20,14 @@ import bench_ig_rule
 import bench_load
 import bench_memory
 import bench_parallel
+import bench_rules
 import bench_sweep
 from common import machine
 
 BENCHMARKS = [
     bench_load,
     bench_attribution,
+    bench_rules,
     bench_parallel,
     bench_graph,
     bench_memory,

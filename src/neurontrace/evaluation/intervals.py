@@ -57,3 +57,40 @@ def first_reaching(sizes: torch.Tensor, faithfulness: torch.Tensor, level: float
     first = reached.float().argmax(dim=1)
     out = sizes.double()[first]
     return torch.where(reached.any(dim=1), out, torch.full_like(out, math.inf))
+
+
+def stratified_weights(sizes: Sequence[int], *, replicates: int = REPLICATES, seed: int = 0) -> torch.Tensor:
+    """``[replicates, sum(sizes)]`` counts for blocks resampled each within itself (block ``i`` with seed
+    ``seed + i``): a pooled statistic over several data sets keeps every set's share in every replicate."""
+    blocks = [bootstrap_weights(n, replicates=replicates, seed=seed + i) for i, n in enumerate(sizes)]
+    return torch.cat(blocks, dim=1)
+
+
+def weighted_pearson(weights: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Pearson correlation of ``x`` and ``y`` (``[n]``, or ``[R, n]``: one per resample) in every resample given
+    by ``weights`` (``[R, n]`` counts, as :func:`bootstrap_weights`): ``[R]``, each exactly the correlation of
+    the resampled points."""
+    w = weights.double()
+    total = w.sum(dim=1, keepdim=True)
+    x, y = x.double().expand_as(w), y.double().expand_as(w)
+    mx, my = (w * x).sum(1, keepdim=True) / total, (w * y).sum(1, keepdim=True) / total
+    dx, dy = x - mx, y - my
+    return (w * dx * dy).sum(1) / ((w * dx * dx).sum(1) * (w * dy * dy).sum(1)).sqrt()
+
+
+def weighted_ranks(weights: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``[R, n]``: the mid-rank (1-based, ties averaged) of each ``x[i]`` within every resample, the rank its
+    copies take in the resampled sample (copies of one point, and equal values, tie)."""
+    w = weights.double()
+    order = x.argsort()
+    _, group, _ = torch.unique_consecutive(x[order], return_inverse=True, return_counts=True)
+    counts = torch.zeros(w.shape[0], int(group.max()) + 1, dtype=w.dtype).index_add_(1, group, w[:, order])
+    mid = counts.cumsum(dim=1) - (counts - 1) / 2
+    ranks = torch.empty_like(w)
+    ranks[:, order] = mid[:, group]
+    return ranks
+
+
+def weighted_spearman(weights: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Spearman correlation (Pearson of mid-ranks) of ``x`` and ``y`` in every resample: ``[R]``."""
+    return weighted_pearson(weights, weighted_ranks(weights, x), weighted_ranks(weights, y))
