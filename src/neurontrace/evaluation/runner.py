@@ -313,16 +313,7 @@ def _one_curve(model, run, method, basis, seed, train, test, evalsets, out, prog
         progress=progress,
         error_nodes=run.error_nodes,
     )
-    curve.meta = {
-        "attribution_seconds": t_attr,
-        "sweep_seconds": time.perf_counter() - start,
-        "sweep_forwards": evalset.forwards - forwards,
-        "test_batches": len(evalset.batches),
-        "nodes": run.nodes,
-        "n_train": len(train),
-        "n_test": len(test),
-        "test_cases": [getattr(p, "case", None) for p in test],  # in the order of the per-example samples
-    }
+    curve.meta = _curve_meta(run, evalset, train, test, seconds=t_attr, start=start, forwards=forwards)
     if is_dictionary(basis):
         curve.basis = basis_label(basis)
         curve.meta["dictionary"] = basis
@@ -403,14 +394,7 @@ def _edge_curve(model, run, seed, train, test, evalsets, out, progress, log, mai
     )
     curve.meta = {
         **curve.meta,
-        "attribution_seconds": t_graphs,
-        "sweep_seconds": time.perf_counter() - start,
-        "sweep_forwards": evalset.forwards - forwards,
-        "test_batches": len(evalset.batches),
-        "nodes": run.nodes,
-        "n_train": len(train),
-        "n_test": len(test),
-        "test_cases": [getattr(p, "case", None) for p in test],
+        **_curve_meta(run, evalset, train, test, seconds=t_graphs, start=start, forwards=forwards),
     }
     if main:
         write_text_atomic(curve_path, curve.to_json())
@@ -489,3 +473,20 @@ def _slot_scores_cached(model, run, method, site, seed, train, stem: Path, progr
     if main:
         write_bytes_atomic(path, save({"scores": scores.contiguous()}))
     return scores
+
+
+def _curve_meta(
+    run: Any, evalset: Any, train: Sequence, test: Sequence, *, seconds: float, start: float, forwards: int
+) -> dict[str, Any]:
+    """A curve's cost and data: attribution and sweep seconds, forwards, sizes, the test cases (in the order of
+    the per-example samples)."""
+    return {
+        "attribution_seconds": seconds,
+        "sweep_seconds": time.perf_counter() - start,
+        "sweep_forwards": evalset.forwards - forwards,
+        "test_batches": len(evalset.batches),
+        "nodes": run.nodes,
+        "n_train": len(train),
+        "n_test": len(test),
+        "test_cases": [getattr(p, "case", None) for p in test],
+    }
