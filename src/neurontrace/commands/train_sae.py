@@ -1,7 +1,7 @@
 """``neurontrace train-sae``: train TopK SAEs (or transcoders) for many layers of a model at once, here.
 
 The defaults fit the default model (SmolLM2-135M, 30 layers) on a laptop-class CPU: every layer's ``mlp_out``
-in about half an hour on 2 cores, sampling its own corpus offline. See :mod:`neurontrace.dictionaries.train`.
+in 25 minutes on 2 shared cores (measured, docs/results.md), sampling its own corpus offline. See :mod:`neurontrace.dictionaries.train`.
 """
 
 from __future__ import annotations
@@ -115,8 +115,8 @@ def add_train_sae_parser(sub, add_model_args) -> None:
             "L0, dead latents, and the next-token loss increase when the reconstruction replaces the site. A "
             "checkpoint is written every 60 s ($NEURONTRACE_CHECKPOINT_SECONDS); rerunning the same command "
             "resumes it, and a finished folder says 'done already'. The defaults train all 30 mlp_out layers of "
-            "the default model (SmolLM2-135M) in about half an hour on 2 CPU cores, sampling the corpus from the "
-            "model itself (offline)."
+            "the default model (SmolLM2-135M) in about 25 minutes on 2 CPU cores (transcoders: 43 minutes, "
+            "measured on shared cores), sampling the corpus from the model itself (offline)."
         ),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
