@@ -1,5 +1,9 @@
 """Training TopK sparse autoencoders and transcoders, one per layer for many layers at once, from one stream.
 
+Why not SAELens's trainer (sae-lens 6.54.12, which the tests use to check our output format): its
+``LanguageModelSAERunnerConfig`` trains one dictionary per run at one ``hook_name``, so the 30 layers of the
+default model would take 30 passes of the model over the corpus. Here every layer trains from the same forwards.
+
 Each forward of the frozen model over a batch of corpus blocks (:mod:`neurontrace.dictionaries.corpus`)
 captures, at every chosen layer, the dictionary's input and target: the site's tensor for an SAE (input =
 target; sites ``resid``, ``mlp_out``, ``attn_out``, ``neurons``), the MLP module's input and output for a
