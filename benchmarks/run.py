@@ -14,6 +14,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 import bench_attribution
+import bench_conservation
 import bench_graph
 import bench_ig_prefix
 import bench_ig_rule
@@ -28,6 +29,7 @@ BENCHMARKS = [
     bench_load,
     bench_attribution,
     bench_rules,
+    bench_conservation,
     bench_parallel,
     bench_graph,
     bench_memory,
