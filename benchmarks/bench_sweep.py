@@ -38,6 +38,17 @@ for name, width in (("one", 1), ("batched", None)):
     curves[name] = curve
 one, batched = curves["one"], curves["batched"]
 out["identical"] = one.to_json() == batched.to_json()
+def numbers(x):  # every number of a curve's JSON, in order
+    if isinstance(x, dict):
+        return [v for k in sorted(x) for v in numbers(x[k])]
+    if isinstance(x, list):
+        return [v for item in x for v in numbers(item)]
+    return [float(x)] if isinstance(x, (int, float)) and not isinstance(x, bool) else []
+a, b = numbers(json.loads(one.to_json())), numbers(json.loads(batched.to_json()))
+out["max_abs_diff"] = max((abs(x - y) for x, y in zip(a, b)), default=0.0) if len(a) == len(b) else None
+out["same_sizes"] = [[lv.level, lv.n_nodes, lv.exact] for lv in one.levels] == [
+    [lv.level, lv.n_nodes, lv.exact] for lv in batched.levels]
+out["same_points"] = [p.n_nodes for p in one.points] == [p.n_nodes for p in batched.points]
 out["points"] = len(one.points)
 out["levels"] = [[lv.level, lv.n_nodes, lv.exact] for lv in one.levels]
 print(json.dumps(out))
@@ -68,6 +79,12 @@ def main() -> dict:
         ),
         ("speed-up (wall time; CPU time of the process)", f"{ratio:.2f}x; {cpu_ratio:.2f}x"),
         ("curves identical (JSON, bit for bit)", "yes" if r["identical"] else "NO"),
+        (
+            "largest difference of any curve number; same exact sizes; same grid sizes",
+            f"{r['max_abs_diff']:.1e}; {'yes' if r['same_sizes'] else 'NO'}; {'yes' if r['same_points'] else 'NO'}"
+            if r.get("max_abs_diff") is not None
+            else "curves of different shape",
+        ),
     ]
     return {"title": "Evaluation sweep: several circuits per forward pass (SmolLM2-135M)", "rows": rows,
             "raw": json.dumps(r)}  # fmt: skip
