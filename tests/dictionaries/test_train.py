@@ -399,6 +399,33 @@ def test_the_command_trains_resumes_and_reports(tmp_path, capsys):
         assert says in capsys.readouterr().err
 
 
+def test_a_second_run_reuses_another_run_s_samples(tmp_path, capsys, monkeypatch):
+    folder = save_tiny_folder(tmp_path / "model")
+    first, second = tmp_path / "saes", tmp_path / "transcoders"
+    args = ["train-sae", "--model", folder, "--layers", "1", "--tokens", "600", "--d-sae", "32", "--k", "4",
+            "--batch-size", "128", "--context", str(CONTEXT), "--held-out", "100", "--corpus", "sample:900",
+            "--dtype", "float32"]  # fmt: skip
+    assert main([*args, "--out", str(first)]) == 0
+    samples = (first / SAMPLE_CACHE).read_bytes()
+
+    def no_sampling(*_a):
+        raise AssertionError("sampled again")
+
+    monkeypatch.setattr(SampleCorpus, "_generate", no_sampling)
+    cache = ["--corpus-cache", str(first / SAMPLE_CACHE)]
+    assert main([*args, "--transcoder", "--out", str(second), *cache]) == 0
+    assert not (second / SAMPLE_CACHE).exists() and (first / SAMPLE_CACHE).read_bytes() == samples
+    monkeypatch.undo()
+    other = tmp_path / "other"
+    assert main([*args, "--seed", "1", "--out", str(other), *cache]) == 0  # another seed: sampled into OUT
+    assert (other / SAMPLE_CACHE).is_file() and (first / SAMPLE_CACHE).read_bytes() == samples
+    capsys.readouterr()
+    assert (
+        main([*args, "--out", str(tmp_path / "x"), "--corpus-cache", str(tmp_path / "none.safetensors")]) == 2
+    )
+    assert "no sampled corpus at" in capsys.readouterr().err
+
+
 def test_the_command_s_help_explains_the_options(capsys):
     with pytest.raises(SystemExit):
         main(["train-sae", "--help"])

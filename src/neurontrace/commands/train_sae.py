@@ -85,7 +85,14 @@ def run_train_sae(args: argparse.Namespace) -> None:
     print(f"Model: {model.name} ({str(model.dtype).removeprefix('torch.')})   training {n_layers} {what}: d_sae {config.d_sae}, k {config.k}, "
           f"{config.tokens:,} tokens, corpus {args.corpus}")  # fmt: skip
     result = train_dictionaries(
-        model, out, config, corpus=args.corpus, fresh=args.fresh, progress=True, log=print
+        model,
+        out,
+        config,
+        corpus=args.corpus,
+        fresh=args.fresh,
+        progress=True,
+        log=print,
+        corpus_cache=args.corpus_cache,
     )
     s = result.seconds
     if not result.already_done:
@@ -141,6 +148,14 @@ def add_train_sae_parser(sub, add_model_args) -> None:
         "package and the network), or sample:N (N tokens sampled from the model itself, offline; cached in OUT). "
         "The first --held-out tokens are kept for the metrics; a corpus shorter than --tokens is passed over "
         "several times",
+    )
+    p.add_argument(
+        "--corpus-cache",
+        metavar="FILE",
+        default=None,
+        help="another run's OUT/corpus-sample.safetensors: reuse its sample:N samples instead of sampling again "
+        "(e.g. transcoders on the SAEs' corpus), read only; used when drawn from the same model, seed and "
+        "context, otherwise the corpus is sampled into OUT",
     )
     p.add_argument("--tokens", type=int, default=None, help=f"training tokens (default {t.DEFAULT_TOKENS:,})")
     p.add_argument("--d-sae", type=int, default=None, help=f"latents per layer (default {t.DEFAULT_D_SAE})")

@@ -240,7 +240,7 @@ class SampleCorpus(Corpus):
 
     def __init__(self, model: Any, n_tokens: int, context: int = 128, *, seed: int = 0,
                  batch: int = SAMPLE_BATCH, cache: str | os.PathLike | None = None,
-                 progress: bool = False) -> None:  # fmt: skip
+                 reuse: str | os.PathLike | None = None, progress: bool = False) -> None:  # fmt: skip
         if n_tokens < 1:
             raise NeurontraceError(f"sample:N needs N >= 1 tokens, got {n_tokens}")
         if context < 2:
@@ -250,6 +250,11 @@ class SampleCorpus(Corpus):
         self.model, self.n_tokens, self.context, self.seed = model, n_tokens, context, seed
         self.batch, self.progress = batch, progress
         self.cache = None if cache is None else Path(cache)
+        self.reuse = None if reuse is None else Path(reuse)  # another run's cache: read, never written
+        if self.reuse is not None and not self.reuse.is_file():
+            raise NeurontraceError(
+                f"no sampled corpus at {self.reuse}; give another run's {self.reuse.name} file"
+            )
         self.spec = f"{SAMPLE_PREFIX}{n_tokens}"
         self._tokens: torch.Tensor | None = None
 
@@ -261,14 +266,16 @@ class SampleCorpus(Corpus):
         return {"model": str(getattr(self.model, "name", "")), "seed": str(self.seed), "context": str(self.context),
                 "batch": str(self.batch), "start": str(self.start), "dtype": str(self.model.dtype)}  # fmt: skip
 
-    def _load_cache(self) -> torch.Tensor:
+    def _load_cache(self, path: Path | None = None) -> torch.Tensor:
+        """The samples in ``path`` (default: the cache) when drawn with this corpus's settings, else none."""
+        path = self.cache if path is None else path
         empty = torch.zeros(0, self.context, dtype=torch.long)
-        if self.cache is None or not self.cache.is_file():
+        if path is None or not path.is_file():
             return empty
         from safetensors import safe_open
 
         try:
-            with safe_open(str(self.cache), framework="pt") as f:
+            with safe_open(str(path), framework="pt") as f:
                 if (f.metadata() or {}) != self._key():
                     return empty
                 return f.get_tensor("tokens").long()
@@ -291,6 +298,9 @@ class SampleCorpus(Corpus):
             return self._tokens
         done = self._load_cache()
         want = self.n_blocks
+        if self.reuse is not None and done.shape[0] < want:
+            reused = self._load_cache(self.reuse)
+            done = reused if reused.shape[0] > done.shape[0] else done
         per_batch = self.batch
         if done.shape[0] % per_batch and done.shape[0] < want:  # only whole batches resume exactly
             done = done[: done.shape[0] - done.shape[0] % per_batch]
@@ -345,10 +355,13 @@ class SampleCorpus(Corpus):
 
 
 def open_corpus(spec: str, model: Any, *, context: int = 128, seed: int = 0,
-                cache: str | os.PathLike | None = None, progress: bool = False) -> Corpus:  # fmt: skip
+                cache: str | os.PathLike | None = None, reuse: str | os.PathLike | None = None,
+                progress: bool = False) -> Corpus:  # fmt: skip
     """The corpus named by ``spec``: a text file or folder, ``hf:NAME[:CONFIG][:SPLIT]`` or ``sample:N``.
 
     ``cache`` is where ``sample:N`` keeps its samples (so a rerun does not sample again); ``seed`` seeds them.
+    ``reuse``: another run's cache, read (when its samples were drawn with the same model, seed and context) and
+    never written; what it lacks is sampled into ``cache``.
     """
     if not isinstance(spec, str) or not spec.strip():
         raise NeurontraceError("the corpus is empty; give a text file, a folder, hf:NAME or sample:N")
@@ -362,7 +375,9 @@ def open_corpus(spec: str, model: Any, *, context: int = 128, seed: int = 0,
             raise NeurontraceError(
                 f"give sample:N with N a number of tokens, e.g. sample:200000; got {spec!r}"
             ) from None
-        return SampleCorpus(model, n, context, seed=seed, cache=cache, progress=progress)
+        return SampleCorpus(model, n, context, seed=seed, cache=cache, reuse=reuse, progress=progress)
+    if reuse is not None:
+        raise NeurontraceError("a corpus cache is reused only with a sample:N corpus; drop --corpus-cache")
     if spec.startswith(HF_PREFIX):
         return HubCorpus(model, spec, context)
     return TextCorpus(model, spec, context)

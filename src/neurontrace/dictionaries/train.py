@@ -684,12 +684,14 @@ def train_dictionaries(
     checkpoint_every_s: float | None = None,
     on_round: Callable[[dict[str, Any]], None] | None = None,
     log: Callable[[str], None] | None = None,
+    corpus_cache: str | os.PathLike | None = None,
 ) -> TrainResult:
     """Train one TopK dictionary per layer (SAE or transcoder, see the module docstring) and write them to ``out``.
 
     ``corpus``: a :class:`~neurontrace.dictionaries.corpus.Corpus` or a spec for
     :func:`~neurontrace.dictionaries.corpus.open_corpus` (default ``sample:200000``; its samples are cached in
-    ``out``). ``on_round(info)`` is called after every round (tokens, round, whether a checkpoint was written),
+    ``out/corpus-sample.safetensors``; ``corpus_cache``: another run's such file, whose samples are reused when
+    drawn from the same model, seed and context, and never written). ``on_round(info)`` is called after every round (tokens, round, whether a checkpoint was written),
     ``log(message)`` with what happens (resuming, passes over the corpus, done already).
     """
     config = config or TrainConfig()
@@ -705,7 +707,7 @@ def train_dictionaries(
     started = time.monotonic()
     if isinstance(corpus, str):
         corpus = open_corpus(corpus, model, context=settings["context"], seed=settings["seed"],
-                             cache=out / SAMPLE_CACHE, progress=progress)  # fmt: skip
+                             cache=out / SAMPLE_CACHE, reuse=corpus_cache, progress=progress)  # fmt: skip
     if corpus.context != settings["context"]:
         raise NeurontraceError(
             f"the corpus has blocks of {corpus.context} tokens but the context is {settings['context']}"
