@@ -7,7 +7,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import make_tiny_hf, word_tokenizer
+from conftest import save_tiny_folder
 
 from neurontrace.cli import main
 
@@ -15,9 +15,7 @@ from neurontrace.cli import main
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
     path = tmp_path_factory.mktemp("cli-model")
-    make_tiny_hf("llama").save_pretrained(path)
-    word_tokenizer().save_pretrained(path)
-    return str(path)
+    return save_tiny_folder(path)
 
 
 def test_inspect_prints_tokens_neurons_and_zero_effect(folder, capsys, tmp_path):

@@ -8,7 +8,7 @@ import json
 
 import pytest
 import torch
-from conftest import make_tiny, make_tiny_hf, word_tokenizer
+from conftest import make_tiny, save_tiny_folder
 
 from neurontrace.attribution.api import attribute
 from neurontrace.attribution.blacklist import Blacklist, load_blacklist
@@ -34,9 +34,7 @@ PROMPT, ANSWER = "the keys to the cabinet", " are"
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
     path = tmp_path_factory.mktemp("rules-model")
-    make_tiny_hf("llama").save_pretrained(path)
-    word_tokenizer().save_pretrained(path)
-    return str(path)
+    return save_tiny_folder(path)
 
 
 @pytest.fixture(scope="module")

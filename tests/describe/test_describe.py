@@ -9,7 +9,7 @@ import json
 
 import pytest
 import torch
-from conftest import FAMILIES, make_tiny, make_tiny_hf, word_tokenizer
+from conftest import FAMILIES, make_tiny, save_tiny_folder
 
 from neurontrace.cli import _add_model_args
 from neurontrace.commands.describe import add_describe_parser, run_describe
@@ -288,9 +288,7 @@ def test_empty_folder_and_missing_datasets_package(llama, tmp_path, monkeypatch)
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
     path = tmp_path_factory.mktemp("describe-model")
-    make_tiny_hf("llama").save_pretrained(path)
-    word_tokenizer().save_pretrained(path)
-    return str(path)
+    return save_tiny_folder(path)
 
 
 def _parse(argv: list[str]) -> argparse.Namespace:

@@ -8,7 +8,7 @@ import json
 
 import pytest
 import torch
-from conftest import FAMILIES, make_tiny, make_tiny_hf, word_tokenizer
+from conftest import FAMILIES, make_tiny, save_tiny_folder
 
 from neurontrace.cli import _add_model_args
 from neurontrace.commands.steer import add_steer_parser, run_steer
@@ -290,9 +290,7 @@ def test_sweep_errors(llama):
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
     path = tmp_path_factory.mktemp("steer-model")
-    make_tiny_hf("llama").save_pretrained(path)
-    word_tokenizer().save_pretrained(path)
-    return str(path)
+    return save_tiny_folder(path)
 
 
 def _parse(argv: list[str]) -> argparse.Namespace:

@@ -257,9 +257,8 @@ def _one_curve(model, run, method, basis, seed, train, test, evalsets, out, prog
     site = site_of_basis(basis)
     key = f"{method}-{basis_label(basis)}-seed{seed}"
     curve_path = out / "curves" / f"{key}.json"
-    if curve_path.is_file():
-        log(f"  {key}: done already (resumed)")
-        return Curve.from_dict(json.loads(curve_path.read_text()))
+    if (done := _resumed_curve(curve_path, key, log)) is not None:
+        return done
     start = time.perf_counter()
     if run.nodes == "slots":
         scores = _slot_scores_cached(
@@ -359,9 +358,8 @@ def _edge_curve(model, run, seed, train, test, evalsets, out, progress, log, mai
 
     key = f"relp-edges-neurons-seed{seed}"
     curve_path = out / "curves" / f"{key}.json"
-    if curve_path.is_file():
-        log(f"  {key}: done already (resumed)")
-        return Curve.from_dict(json.loads(curve_path.read_text()))
+    if (done := _resumed_curve(curve_path, key, log)) is not None:
+        return done
     start = time.perf_counter()
     get = lambda p, k: p[k] if isinstance(p, dict) else getattr(p, k)  # noqa: E731
     items: Any = train
@@ -490,3 +488,11 @@ def _curve_meta(
         "n_test": len(test),
         "test_cases": [getattr(p, "case", None) for p in test],
     }
+
+
+def _resumed_curve(curve_path: Path, key: str, log) -> Curve | None:
+    """The curve a previous run finished and saved at ``curve_path``, or None."""
+    if not curve_path.is_file():
+        return None
+    log(f"  {key}: done already (resumed)")
+    return Curve.from_dict(json.loads(curve_path.read_text()))
