@@ -162,10 +162,9 @@ def _run_cluster(args: argparse.Namespace) -> None:
     from neurontrace.commands._common import model_from_args
     from neurontrace.sites import check_site
     from neurontrace.steering.clusters import (
-        clusters_of_graph,
         find_cluster,
         format_ratios,
-        graph_prompt,
+        graph_clusters,
         read_cluster,
     )
 
@@ -176,7 +175,7 @@ def _run_cluster(args: argparse.Namespace) -> None:
     if args.mode == "patch" or args.sweep:
         raise NeurontraceError("a cluster is steered by --mode scale, set or add, without --sweep")
     check_site(args.site)
-    others = clusters_of_graph(args.graph) if args.graph else []
+    graph_prompt, others = graph_clusters(args.graph) if args.graph else (None, [])  # the file read once
     if Path(args.cluster).is_file():
         cluster = read_cluster(args.cluster)
     elif args.graph:
@@ -185,7 +184,7 @@ def _run_cluster(args: argparse.Namespace) -> None:
         raise NeurontraceError(
             f"--cluster {args.cluster!r} is not a file; name a supernode label together with --graph GRAPH.json"
         )
-    prompt = args.prompt if args.prompt is not None else graph_prompt(args.graph) if args.graph else None
+    prompt = args.prompt if args.prompt is not None else graph_prompt
     if prompt is None:
         raise NeurontraceError("give --prompt (or --graph, whose prompt is then used)")
     from neurontrace.steering.clusters import steer_cluster

@@ -134,8 +134,13 @@ def _is_member(text: str) -> bool:
 
 
 def clusters_of_graph(path: str | Path) -> list[Cluster]:
-    """The supernodes of a graph file as clusters of pinned neurons: the ``qParams.supernodes`` of a
-    circuit-tracer JSON (``neurontrace graph --supernodes`` writes them; circuit-tracer's Save keeps drawn ones),
+    """The supernodes of a graph file as clusters (:func:`graph_clusters` without the prompt)."""
+    return graph_clusters(path)[1]
+
+
+def graph_clusters(path: str | Path) -> tuple[str, list[Cluster]]:
+    """The prompt of a graph file and its supernodes as clusters of pinned neurons: the ``qParams.supernodes`` of
+    a circuit-tracer JSON (``neurontrace graph --supernodes`` writes them; circuit-tracer's Save keeps drawn ones),
     else :func:`~neurontrace.graphs.supernodes.find_supernodes` on the graph (also for ``*.neurontrace.json``).
     Members that are not neurons (embeddings, logits, error nodes) are left out."""
     from neurontrace.graphs.build import NEURON
@@ -151,7 +156,7 @@ def clusters_of_graph(path: str | Path) -> list[Cluster]:
         members = [by_id[i] for i in ids if i in by_id]
         if members:
             clusters.append(Cluster(label, [NeuronId(n.layer, n.index, None, n.position) for n in members]))
-    return clusters
+    return graph.prompt, clusters
 
 
 def _read_graph(path: str | Path):
