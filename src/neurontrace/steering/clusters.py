@@ -178,11 +178,6 @@ def _read_graph(path: str | Path):
     return from_circuit_tracer(checked), checked["qParams"]["supernodes"]
 
 
-def graph_prompt(path: str | Path) -> str:
-    """The prompt a graph file was built for."""
-    return _read_graph(path)[0].prompt
-
-
 def find_cluster(clusters: Sequence[Cluster], name: str) -> Cluster:
     """The cluster labelled ``name`` (exactly, else the one whose label contains it, case-insensitively)."""
     exact = [c for c in clusters if c.name == name]
