@@ -1,7 +1,10 @@
 """Several circuits per forward pass: every sweep equals, bit for bit, the sweep of one circuit per pass (the same
 curve JSON, samples, random draws, exact sizes and search accounting) for every ablation, node kind and
 dictionary error-node rule; metric_values_many equals metric_values mask by mask; and the number of circuits per
-pass follows the free memory."""
+pass follows the free memory.
+
+The evaluation sets here run every pass in full (``shortcuts=False``): the shortcuts' sparse MLPs depend on which
+circuits share a pass, so they agree only to rounding (tests/evaluation/test_shortcuts.py)."""
 
 from __future__ import annotations
 
@@ -10,7 +13,8 @@ import torch
 from conftest import make_tiny
 
 from neurontrace.dictionaries import SAE, Transcoder, save_sae, save_transcoders
-from neurontrace.evaluation import faithfulness, prepare_eval, sweep
+from neurontrace.evaluation import faithfulness, sweep
+from neurontrace.evaluation import prepare_eval as _prepare_eval
 from neurontrace.sites import site_width
 from neurontrace.tasks import Pair
 from neurontrace.tasks.slots import slot_map
@@ -42,6 +46,11 @@ SLOTTED = [
 ]
 T = 5  # tokens of every prompt of PAIRS
 LEVELS = (0.3, 0.6, 0.9)
+
+
+def prepare_eval(*args, **kwargs):
+    """An evaluation set that runs every pass in full."""
+    return _prepare_eval(*args, shortcuts=False, **kwargs)
 
 
 @pytest.fixture(scope="module")

@@ -53,6 +53,7 @@ from neurontrace.attribution.metrics import Metric, make_metric
 from neurontrace.circuits.selection import Circuit
 from neurontrace.errors import NeurontraceError
 from neurontrace.evaluation import intervals
+from neurontrace.evaluation import shortcuts as shortcut
 from neurontrace.models.model import NeuronModel
 from neurontrace.sites import (
     TRANSCODER_PREFIX,
@@ -114,6 +115,13 @@ class EvalSet:
     latents: int | None = None  # a dictionary site: its latents come first, then the error components
     passes: int = 0  # forward passes actually run (several circuits share one: metric_values_many)
     max_circuits: int | None = None  # most circuits per forward pass; None: from the free memory
+    prefix: int = (
+        0  # leading positions shared by every test prompt (their ablation is a no-op; see .shortcuts)
+    )
+    shortcuts: bool = True  # skip work that gives the same metric (.shortcuts); False: every pass in full
+    memo: dict = field(
+        default_factory=dict, repr=False
+    )  # prefix caches and down(ablation value), per pass shape
 
     @property
     def n_examples(self) -> int:
@@ -175,8 +183,7 @@ class EvalSet:
             groups.setdefault(shape, []).append(i)
         out = torch.zeros(len(keeps), self.n_total, dtype=torch.float64)
         for members in groups.values():
-            for start in range(0, len(members), per_pass):
-                chunk = members[start : start + per_pass]
+            for chunk in self._chunks(keeps, members, per_pass):
                 values = self._run_pass([keeps[i] for i in chunk])
                 for i, v in zip(chunk, values, strict=True):
                     out[i] = v
@@ -188,6 +195,39 @@ class EvalSet:
                 "(try --dtype float32) and the ablation"
             )
         return list(out.unbind(0))
+
+    def _chunks(self, keeps: list, members: list[int], per_pass: int) -> list[list[int]]:
+        """``members`` in passes of at most ``per_pass``. With the sparse-MLP shortcut, circuits that keep few
+        neurons go together (ordered by size, a pass never mixing them with circuits that keep many), so that
+        a pass's union of kept neurons stays small."""
+        if not self._sparse_site():
+            return [members[i : i + per_pass] for i in range(0, len(members), per_pass)]
+        share = {i: self._kept_share(keeps[i]) for i in members}
+        count = {i: -1 if keeps[i] is None else int(keeps[i].sum()) for i in members}
+        order = sorted(members, key=lambda i: (share[i] > shortcut.SPARSE_SHARE, count[i], i))
+        chunks: list[list[int]] = []
+        for i in order:
+            sparse = share[i] <= shortcut.SPARSE_SHARE
+            if (
+                chunks
+                and len(chunks[-1]) < per_pass
+                and (share[chunks[-1][-1]] <= shortcut.SPARSE_SHARE) == sparse
+            ):
+                chunks[-1].append(i)
+            else:
+                chunks.append([i])
+        return chunks
+
+    def _sparse_site(self) -> bool:
+        """Whether passes may run MLPs on their kept neurons only (:mod:`.shortcuts`)."""
+        return self.shortcuts and self.site == "neurons" and self.latents is None
+
+    def _kept_share(self, keep: torch.Tensor | None) -> float:
+        """Largest share of one layer's neurons that ``keep`` keeps at some position after the shared prefix."""
+        if keep is None:
+            return 1.0
+        units = keep[:, self.prefix :].any(1) if keep.dim() == 3 else keep
+        return float(units.float().mean(-1).max())
 
     def circuits_per_pass(self) -> int:
         """Circuits one forward pass evaluates: :attr:`max_circuits` when set, else as many as fit in
@@ -242,11 +282,14 @@ class EvalSet:
 
     def _run_pass(self, keeps: list[torch.Tensor | None]) -> list[torch.Tensor]:
         """This process's metric values (``[n]`` each, other processes' examples 0) of ``keeps`` (site masks of
-        one shape, or None), all in one forward pass of every test batch."""
+        one shape, or None), all in one forward pass of every test batch (with :mod:`.shortcuts`: from the end
+        of the shared prefix on, sparse MLPs where the pass keeps few neurons, two logits per prompt)."""
         m = len(keeps)
-        hooked = []  # (layer index, [m, ...] masks, [m] whether each circuit keeps the layer whole)
+        fast = self.shortcuts and self.latents is None
+        p0 = self.prefix if fast else 0
+        hooked = []  # (layer index, [m, ...] masks after the prefix, [m] whether each circuit keeps the layer whole)
         for li in range(len(self.layers)):
-            cols = [None if k is None else k[li] for k in keeps]
+            cols = [None if k is None else (k[li, p0:] if k.dim() == 3 else k[li]) for k in keeps]
             full = torch.tensor([c is None or bool(c.all()) for c in cols])
             if bool(full.all()):
                 continue
@@ -254,36 +297,101 @@ class EvalSet:
             hooked.append((li, torch.stack([torch.ones_like(like) if c is None else c for c in cols]), full))
         raw = self._raw_site() if hooked else None
         out = [torch.zeros(self.n_total, dtype=torch.float64) for _ in range(m)]
-        for eb in self.batches:
+        for bi, eb in enumerate(self.batches):
             b = eb.batch.size
             batch = eb.batch
             if m > 1:
                 prompts = None if batch.prompts is None else batch.prompts * m
                 batch = Batch(batch.input_ids.repeat(m, 1), batch.attention_mask.repeat(m, 1), prompts)
+            subset = shortcut.subset_metric(eb.metric) if fast else None
+            cache = self._prefix_cache(bi, m) if p0 else None  # the unablated prefix: before any hook
             with torch.no_grad(), ExitStack() as stack:
                 handles: list = []
                 stack.callback(lambda handles=handles: [h.remove() for h in handles])
                 for li, masks, full in hooked:
                     layer = self.layers[li]
+                    if self._enter_sparse_mlp(stack, eb, bi, li, masks):
+                        continue
                     restore = raw is not None and bool(full.any())
                     if restore:  # rows of circuits that keep the layer whole get the site's own value back
                         saved: dict[str, torch.Tensor] = {}
                         handles.append(hook_site(self.model, raw, layer, partial(_save, saved)))
-                    handles.append(hook_site(self.model, self.site, layer, self._ablator(eb, li, masks)))
+                    handles.append(hook_site(self.model, self.site, layer, self._ablator(eb, li, masks, p0)))
                     if restore:
                         rows = full.repeat_interleave(b)
                         handles.append(hook_site(self.model, raw, layer, partial(_restore, saved, rows)))
-                logits = self.model.forward(batch, logits_to_keep=1).logits
+                metric = eb.metric
+                if subset is not None and stack.enter_context(
+                    shortcut.vocabulary_subset(self.model, subset[0])
+                ):
+                    metric = subset[1]
+                if p0 == 0:
+                    logits = self.model.forward(batch, logits_to_keep=1).logits
+                else:
+                    logits = shortcut.forward_after(self.model, batch.input_ids, p0, cache)
             self.passes += 1
             self.forwards += m
             for c in range(m):
-                out[c][eb.rows] = eb.metric(logits[c * b : (c + 1) * b]).detach().double().cpu()
+                out[c][eb.rows] = metric(logits[c * b : (c + 1) * b]).detach().double().cpu()
         return out
 
-    def _ablator(self, eb: EvalBatch, li: int, masks: torch.Tensor):
+    def _prefix_cache(self, bi: int, m: int):
+        """The key/value cache of test batch ``bi``'s shared prefix, for a pass of ``m`` circuits (kept)."""
+        key = ("prefix", bi, m)
+        if key not in self.memo:
+            ids = self.batches[bi].batch.input_ids.repeat(m, 1)
+            self.memo[key] = shortcut.prefix_cache(self.model, ids, self.prefix)
+        return self.memo[key]
+
+    def _enter_sparse_mlp(
+        self, stack: ExitStack, eb: EvalBatch, bi: int, li: int, masks: torch.Tensor
+    ) -> bool:
+        """Run layer ``li``'s MLP on the pass's kept neurons only (inside ``stack``) when few are kept."""
+        if not self._sparse_site() or eb.node_pos is not None:
+            return False
+        units = masks.reshape(-1, masks.shape[-1]).any(0)
+        if float(units.float().mean()) > shortcut.SPARSE_SHARE:
+            return False
+        layer = self.layers[li]
+        modules = shortcut.sparse_mlp_modules(self.model, layer)
+        if modules is None:
+            return False
+        p0, down = self.prefix, modules[2]
+        key = ("down", bi if self.ablation == "resample" else None, li)
+        if self.ablation == "mean":
+            replacement = self.mean[eb.keys[p0:], li]  # [T, w]
+            if key not in self.memo:
+                self.memo[key] = shortcut.down_of(down, self.mean[:, li])  # [K, d]
+            down_r = self.memo[key][eb.keys[p0:]]
+        elif self.ablation == "zero":
+            replacement = torch.zeros(())
+            if key not in self.memo:
+                self.memo[key] = shortcut.down_of(down, torch.zeros(masks.shape[-1]))
+            down_r = self.memo[key]
+        else:
+            replacement = eb.values[:, li, p0:]  # [B, T, w]
+            if key not in self.memo:
+                self.memo[key] = shortcut.down_of(down, eb.values[:, li])
+            down_r = self.memo[key][:, p0:]
+        device, dtype = down.weight.device, down.weight.dtype
+        keep = masks[:, None] if masks.dim() == 3 else masks[:, None, None]
+        stack.enter_context(
+            shortcut.sparse_mlp(
+                modules,
+                units=units.nonzero().flatten().to(device),
+                keep=keep.to(device),
+                replacement=replacement.to(device, dtype),
+                down_replacement=down_r.to(device, dtype),
+                circuits=masks.shape[0],
+                fused=self.model.adapter.gate_up_fused,
+            )
+        )
+        return True
+
+    def _ablator(self, eb: EvalBatch, li: int, masks: torch.Tensor, p0: int = 0):
         """The hook of layer ``li`` for a pass of ``len(masks)`` circuits: row block ``c`` of the repeated batch
-        keeps what ``masks[c]`` (``[T, w]``, ``[S, w]`` slots or ``[w]``) keeps and takes the ablation value
-        elsewhere."""
+        keeps what ``masks[c]`` (``[T, w]`` from position ``p0`` on, ``[S, w]`` slots or ``[w]``) keeps and
+        takes the ablation value elsewhere."""
         m = masks.shape[0]
         if eb.node_pos is not None and masks.dim() == 3:
             masks = masks[:, eb.node_pos]  # slots -> this batch's tokens
@@ -294,9 +402,9 @@ class EvalSet:
             if self.ablation == "zero":
                 replacement = torch.zeros((), dtype=x.dtype, device=x.device)
             elif self.ablation == "mean":
-                replacement = self.mean[eb.keys, li].to(x.device, x.dtype)  # [T, w]
+                replacement = self.mean[eb.keys[p0:], li].to(x.device, x.dtype)  # [T, w]
             else:
-                replacement = eb.values[:, li].to(x.device, x.dtype)  # [B, T, w]
+                replacement = eb.values[:, li, p0:].to(x.device, x.dtype)  # [B, T, w]
             rows = x.reshape(m, -1, *x.shape[1:])  # [m, B, T, w]: one block of rows per circuit
             return torch.where(k, rows, replacement).reshape(x.shape)
 
@@ -344,8 +452,13 @@ def prepare_eval(
     batch_size: int = 32,
     seed: int = 0,
     slot_maps: Sequence[Sequence[int]] | None = None,
+    shortcuts: bool = True,
 ) -> EvalSet:
     """Tokenise test pairs, and compute the ablation values once.
+
+    ``shortcuts``: skip the work of a pass that gives the same metric up to rounding (:mod:`.shortcuts`);
+    ``False`` runs every pass in full (curves then do not depend on how circuits share passes, bit for bit on
+    a backend that computes every row independently of the batch size).
 
     ``slot_maps`` (the slot of every token of each pair, :func:`neurontrace.tasks.slots.slot_map`) makes
     per-position masks range over slots instead of tokens, for prompts of several token lengths; mean-ablation
@@ -450,10 +563,27 @@ def prepare_eval(
     latents = dictionary_latents(site)
     if slot_maps is not None:
         n_slots = 1 + max(max(m) for m in slot_maps)
-        return EvalSet(model, site, layers, ablation, batches, mean, n, n_slots, latents=latents)
+        return EvalSet(
+            model, site, layers, ablation, batches, mean, n, n_slots, latents=latents, shortcuts=shortcuts
+        )
     one_length = len(set(lengths)) == 1
     width = lengths[0] if one_length else None
-    return EvalSet(model, site, layers, ablation, batches, mean, n, width, latents=latents)
+    prompts = [full.input_ids[i, full.width - t :] for full in (clean_all, patch_all) for i, t in
+               enumerate((full.width - full.pad).tolist())]  # fmt: skip
+    prefix = shortcut.shared_prefix_length(prompts, ablation)
+    return EvalSet(
+        model,
+        site,
+        layers,
+        ablation,
+        batches,
+        mean,
+        n,
+        width,
+        latents=latents,
+        prefix=prefix,
+        shortcuts=shortcuts,
+    )
 
 
 # ------------------------------------------------------------------ curves
