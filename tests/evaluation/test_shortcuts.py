@@ -184,3 +184,15 @@ def test_no_sparse_mlp_on_dispatched_modules_and_no_subset_for_other_metrics():
     logits = torch.randn(2, 1, 3)
     torch.testing.assert_close(metric(logits), torch.stack([logits[0, 0, 2] - logits[0, 0, 0],
                                                             logits[1, 0, 0] - logits[1, 0, 1]]))  # fmt: skip
+
+
+def test_an_evaluation_run_with_full_passes():
+    from neurontrace.evaluation.runner import EvaluationRun, _evalset
+
+    model = make_tiny("llama")
+    run = EvaluationRun(model="m", data="d", methods=["relp"], bases=["neurons"])
+    assert "full_passes" not in run.to_dict()  # the default: older results folders resume
+    assert _evalset(model, run, "neurons", 0, PAIRS, {}).shortcuts
+    run.full_passes = True
+    assert run.to_dict()["full_passes"] is True
+    assert not _evalset(model, run, "neurons", 0, PAIRS, {}).shortcuts

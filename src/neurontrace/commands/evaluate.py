@@ -181,6 +181,7 @@ def run_evaluate(args: argparse.Namespace) -> None:
         error_nodes=args.error_nodes,
         **_attribution_settings(args),
         select=_split_list(args.select),
+        full_passes=args.full_passes,
     )
     dictionaries = {b: dictionary_fingerprint(b) for b in run.bases if is_dictionary(b)}
     if dictionaries:
@@ -320,6 +321,13 @@ def add_evaluate_parser(sub, add_model_args) -> None:
         default=64,
         help="most forwards of the upward scan of a level's bracket; wider brackets report the bisection "
         "crossing (an upper bound, marked <=)",
+    )
+    p.add_argument(
+        "--full-passes",
+        action="store_true",
+        help="run every ablation pass in full, without the shortcuts that give the same metric up to rounding "
+        "(the shared first tokens run once, MLPs on their kept neurons only, two logits per prompt): slower, "
+        "and the curves then do not depend on how circuits share a pass",
     )
     p.add_argument(
         "--seeds",

@@ -23,11 +23,14 @@ the batch dimension, one copy per circuit, and the ablation hooks apply a per-ro
 F(∅), then every grid point's circuit, complement and random control in such passes; the upward scan evaluates
 the next sizes of the bracket together (and, on an accelerator, the bisection evaluates the probes of its next
 steps together). Sizes evaluated ahead of need are kept only when the one-circuit-per-pass search would have
-measured them, so a curve measures the same circuits whatever the number of circuits per pass, and its numbers
-are the same bit for bit where a backend computes every row of a batch independently of the batch size (a CPU
-with one thread). With several threads or on a GPU, kernels chosen by shape may differ in the last bits
-(``benchmarks/bench_sweep.py``, 2 CPU threads: largest difference 2.1e-5 of any curve number, the same exact
-sizes).
+measured them, so a curve measures the same circuits whatever the number of circuits per pass. A pass also skips
+work that gives the same metric up to rounding (:mod:`.shortcuts`: the test prompts' shared first tokens run
+once, MLPs where a pass keeps few neurons run on those only, two logits per prompt); circuits that keep few
+neurons share passes. With the shortcuts (the default) curves agree to rounding whatever the number of circuits
+per pass (``benchmarks/bench_sweep.py``: largest difference 2.5e-5 of any curve number, the same exact sizes).
+Without them (``prepare_eval(shortcuts=False)``, ``evaluate --full-passes``) the numbers are the same bit for
+bit where a backend computes every row of a batch independently of the batch size (a CPU with one thread); with
+several threads or on a GPU, kernels chosen by shape may differ in the last bits (2 CPU threads: 2.1e-5).
 
 Ablation values are computed once per test set (:class:`EvalSet`). Test prompts may have several token
 lengths: batches then hold one length each, and the mean-ablation value of a position is the counterfactual
@@ -79,8 +82,9 @@ SCAN_LIMIT = 64
 """Most sizes the linear scan of one level's bracket may measure before the crossing is reported instead."""
 MAX_CIRCUITS: dict[str, int] = {"cpu": 8, "cuda": 16}
 """Most circuits per forward pass by device type (others: ``cuda``'s). A CPU pass is compute-bound: a sweep of
-SmolLM2-135M on 32 test pairs takes 0.90x the CPU time with 2 circuits per pass, 0.86x with 4 and 0.82x with 8
-(one thread), while an accelerator runs one test batch far below its capacity (``benchmarks/bench_sweep.py``)."""
+SmolLM2-135M on 32 test pairs took 0.90x the CPU time with 2 circuits per pass, 0.86x with 4 and 0.82x with 8
+(one thread, full passes), and with the shortcuts 16 per pass were slower than 8; an accelerator runs one test
+batch far below its capacity (``benchmarks/bench_sweep.py``)."""
 MEMORY_SHARE = 0.25
 """Share of the free memory the circuits of one pass may take (as :func:`neurontrace.memory.auto_batch_size`)."""
 

@@ -120,6 +120,7 @@ class EvaluationRun:
     rules: dict[str, Any] | None = None  # RelP rules (RelPRules.to_dict()); None: the default, RelPRules()
     blacklist: list[list[int]] | None = None  # [layer, neuron] pairs never in a circuit (neurons basis)
     suffix_length: int | None = None  # only the last N positions of each train prompt keep their scores
+    full_passes: bool = False  # every ablation pass in full, without evaluation/shortcuts.py
 
     def attribution_options(self, site: str) -> dict[str, Any]:
         """The keywords of :func:`attribute` (and of ``build_graph``) that this run sets for ``site``."""
@@ -186,6 +187,8 @@ class EvaluationRun:
         for name in ("rules", "blacklist", "suffix_length"):
             if data[name] is None:
                 del data[name]  # the default: older results folders resume
+        if not self.full_passes:
+            del data["full_passes"]  # the default: older results folders resume
         return data
 
 
@@ -343,6 +346,7 @@ def _evalset(model, run, site, seed, test, evalsets) -> EvalSet:
             batch_size=run.batch_size * 4,
             seed=seed,
             slot_maps=maps,
+            shortcuts=not run.full_passes,
         )
     return evalsets[site]
 
