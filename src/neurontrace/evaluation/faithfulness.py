@@ -85,6 +85,10 @@ MAX_CIRCUITS: dict[str, int] = {"cpu": 8, "cuda": 16}
 SmolLM2-135M on 32 test pairs took 0.90x the CPU time with 2 circuits per pass, 0.86x with 4 and 0.82x with 8
 (one thread, full passes), and with the shortcuts 16 per pass were slower than 8; an accelerator runs one test
 batch far below its capacity (``benchmarks/bench_sweep.py``)."""
+GRID_PASSES = 4
+"""Passes' worth of grid circuits one call may sort into passes (:meth:`_Measurer.grid_group`)."""
+GRID_MASK_BYTES = 2**28
+"""Most bytes of boolean masks a group of grid sizes may hold."""
 MEMORY_SHARE = 0.25
 """Share of the free memory the circuits of one pass may take (as :func:`neurontrace.memory.auto_batch_size`)."""
 
@@ -829,6 +833,7 @@ class _Measurer:
             speculate = torch.device(evalset.model.device).type != "cpu"
         self.speculate = speculate
         self.ahead: dict[int, torch.Tensor] = {}
+        self.ahead_complements: dict[int, list[torch.Tensor]] = {}  # size -> [complement, random] values
         self.kept = 0
         model, empty = self.evaluate([None, self.with_fixed(torch.zeros_like(scores, dtype=torch.bool))])
         self.f_model, self.f_empty = float(model.mean()), float(empty.mean())
@@ -901,12 +906,19 @@ class _Measurer:
             self.keep("circuit", k, values)
         return self.normalise(self.samples["circuit"][str(k)])
 
+    def grid_group(self) -> int:
+        """Sizes whose circuits, complements and random controls go to one :meth:`EvalSet.metric_values_many`
+        call: several passes' worth (the call sorts them into passes, circuits that keep few neurons together),
+        as long as their masks stay within :data:`GRID_MASK_BYTES`."""
+        per_size = 3 * self.scores.numel()
+        return max(self.width, min(GRID_PASSES * self.width, GRID_MASK_BYTES // max(1, per_size)))
+
     def grid(self, sizes: list[int]) -> None:
-        """Circuit, complement and random control of every size, ``width`` sizes at a time (``3 width``
-        circuits: three full passes); random circuits are drawn in the order of ``sizes``, as one
-        size at a time would draw them."""
-        for start in range(0, len(sizes), self.width):
-            chunk = sizes[start : start + self.width]
+        """Circuit, complement and random control of every size, :meth:`grid_group` sizes per call; random
+        circuits are drawn in the order of ``sizes``, as one size at a time would draw them."""
+        step = self.grid_group()
+        for start in range(0, len(sizes), step):
+            chunk = sizes[start : start + step]
             masks: list[torch.Tensor] = []
             slots: list[tuple[str, int]] = []
             for k in chunk:
@@ -933,15 +945,82 @@ class _Measurer:
         """Completeness of the top-k circuit and the faithfulness of a random circuit of its size (one pass)."""
         key = str(k)
         if key not in self.samples["complement"]:
-            masks = [self.complement(self.top_k(k))]
-            if self.random_control:
-                masks.append(self.random_like(k))
-            values = self.evaluate(masks)
+            values = self.ahead_complements.pop(k, None)
+            if values is None:
+                values = self.evaluate(self.complement_masks(k))
             self.keep("complement", k, values[0])
             if self.random_control:
                 self.keep("random", k, values[1])
         rand = self.samples["random"].get(key)
         return self.normalise(self.samples["complement"][key]), None if rand is None else self.normalise(rand)
+
+    def complement_masks(self, k: int) -> list[torch.Tensor]:
+        """The complement of the top-k circuit and (drawn now) a random circuit of its size."""
+        masks = [self.complement(self.top_k(k))]
+        if self.random_control:
+            masks.append(self.random_like(k))
+        return masks
+
+    def pending(self, level: float, grid: list[int], scan_limit: int) -> tuple[list[int], int | None, bool]:
+        """What :meth:`exact_size` would evaluate next for ``level``, from what is known now, without measuring:
+        (the unknown sizes of its next pass, or [] once it needs none; its size once it needs none, else None;
+        whether that size is certain). A size is uncertain when the scan's limit decides it: sizes another level
+        has fetched but not yet kept count against this level's limit here and not in :meth:`exact_size`."""
+        reached = [k for k in grid if self.reaches(k, level)]
+        if not reached:
+            return [], None, True
+        first = reached[0]
+        below = [k for k in grid if k < first]
+        if not below:
+            return [], first, True
+        lo, hi = below[-1], first
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            if not self.known(mid):
+                return (self.bisection_probes(lo, hi, level) if self.speculate else [mid]), None, False
+            if self.reaches(mid, level):
+                hi = mid
+            else:
+                lo = mid
+        scanned = 0
+        for k in range(below[-1] + 1, hi):
+            if not self.measured(k):
+                scanned += 1
+                if scanned > scan_limit:
+                    return [], hi, False
+                if k not in self.ahead:
+                    return self.scan_sizes(k, hi, scan_limit - scanned + 1), None, False
+            if self.reaches(k, level):
+                return [], k, True
+        return [], hi, True
+
+    def prefetch_levels(self, levels: Sequence[float], grid: list[int], scan_limit: int) -> None:
+        """Run the searches of all ``levels`` side by side: each pass evaluates the next sizes every level's
+        search needs (the searches themselves then find them known), then the complements and random controls
+        of the sizes found, in one pass, drawn in the order the searches would draw them (up to the first
+        level whose size is not certain)."""
+        while True:
+            need: list[int] = []
+            for level in levels:
+                sizes, _, _ = self.pending(level, grid, scan_limit)
+                need += [k for k in sizes if k not in need]
+            if not need:
+                break
+            self.prefetch(need)
+        masks: list[torch.Tensor] = []
+        order: list[int] = []
+        for level in levels:
+            _, n, certain = self.pending(level, grid, scan_limit)
+            if not certain:
+                break  # this level's random draw and every later one must wait for the searches
+            if n is None or str(n) in self.samples["complement"] or n in order:
+                continue
+            masks += self.complement_masks(n)
+            order.append(n)
+        values = self.evaluate(masks)
+        step = 2 if self.random_control else 1
+        for i, n in enumerate(order):
+            self.ahead_complements[n] = values[i * step : (i + 1) * step]
 
     def bisection_probes(self, lo: int, hi: int, level: float) -> list[int]:
         """The unknown probes of the next bisection steps from ``(lo, hi)``, nearest steps first, at most
@@ -1083,10 +1162,11 @@ def sweep(
             leave=False,
             disable=not distributed.is_main(),
         )
-    for start in range(0, len(ks), m.width):
-        m.grid(ks[start : start + m.width])
+    group = m.grid_group()
+    for start in range(0, len(ks), group):
+        m.grid(ks[start : start + group])
         if bar is not None:
-            bar.update(len(ks[start : start + m.width]))
+            bar.update(len(ks[start : start + group]))
     if bar is not None:
         bar.close()
     raw = lambda f: f * m.denom + m.f_empty  # noqa: E731
@@ -1096,6 +1176,8 @@ def sweep(
         curve.points.append(CurvePoint(sizes[k], k, f_c, f_cc, rand, raw(f_c), raw(f_cc)))
     curve.points.sort(key=lambda p: p.n_nodes)
     grid = [p.n_nodes for p in curve.points]
+    if m.width > 1 and len(levels) > 1:
+        m.prefetch_levels(levels, grid, scan_limit)
     curve.levels = [m.exact_size(level, grid, scan_limit) for level in levels]
     curve.samples = m.samples
     curve.add_intervals()
