@@ -70,6 +70,9 @@ class Spy:
         self.handles.append(head.register_forward_hook(lambda m, i, o: self.logits.append(o.shape[-1])))
         embed = model.hf.get_submodule(a.embed)
         self.handles.append(embed.register_forward_hook(lambda m, i, o: self.lengths.append(i[0].shape[1])))
+        self.last_mlp = []  # positions the last layer's MLP sees
+        last = model.layer_module(model.n_layers - 1, a.mlp)
+        self.handles.append(last.register_forward_hook(lambda m, i, o: self.last_mlp.append(i[0].shape[1])))
 
     def remove(self):
         for h in self.handles:
@@ -105,9 +108,10 @@ def test_shortcut_passes_give_the_full_passes_metric(family, ablation):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
     assert min(spy.widths) < model.d_ff  # some MLPs ran on kept neurons only
     assert max(spy.widths) >= model.d_ff  # and dense ones on all (a fused Phi-3 projection: both halves)
-    assert max(spy.logits) <= 2 * len(
-        NOUNS
-    )  # two logits per prompt (ids of the batch's answers), not the vocab
+    # two logits per prompt (the batch's answers), not the vocabulary
+    assert max(spy.logits) <= 2 * len(NOUNS)
+    # the last MLP ran at the last position only (and in the one-token prefix run)
+    assert set(spy.last_mlp) == {1}
     if fast.prefix:
         # passes ran after the shared prefix (the prefix itself once per batch and pass size), never in full
         assert set(spy.lengths) == {fast.prefix, fast.width - fast.prefix}

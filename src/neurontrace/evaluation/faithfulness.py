@@ -316,15 +316,24 @@ class EvalSet:
             with torch.no_grad(), ExitStack() as stack:
                 handles: list = []
                 stack.callback(lambda handles=handles: [h.remove() for h in handles])
+                tail = fast and self._sparse_site() and eb.metric.kind == "logit-diff" and eb.node_pos is None
+                if tail:  # the last MLP only at the last position: the metric reads nothing else
+                    stack.enter_context(shortcut.last_position_mlp(self.model))
                 for li, masks, full in hooked:
                     layer = self.layers[li]
-                    if self._enter_sparse_mlp(stack, eb, bi, li, masks):
+                    start = p0
+                    if tail and layer == self.model.n_layers - 1:
+                        start = eb.batch.width - 1
+                        masks = masks[:, start - p0 :] if masks.dim() == 3 else masks
+                    if self._enter_sparse_mlp(stack, eb, bi, li, masks, start):
                         continue
                     restore = raw is not None and bool(full.any())
                     if restore:  # rows of circuits that keep the layer whole get the site's own value back
                         saved: dict[str, torch.Tensor] = {}
                         handles.append(hook_site(self.model, raw, layer, partial(_save, saved)))
-                    handles.append(hook_site(self.model, self.site, layer, self._ablator(eb, li, masks, p0)))
+                    handles.append(
+                        hook_site(self.model, self.site, layer, self._ablator(eb, li, masks, start))
+                    )
                     if restore:
                         rows = full.repeat_interleave(b)
                         handles.append(hook_site(self.model, raw, layer, partial(_restore, saved, rows)))
@@ -352,9 +361,10 @@ class EvalSet:
         return self.memo[key]
 
     def _enter_sparse_mlp(
-        self, stack: ExitStack, eb: EvalBatch, bi: int, li: int, masks: torch.Tensor
+        self, stack: ExitStack, eb: EvalBatch, bi: int, li: int, masks: torch.Tensor, start: int
     ) -> bool:
-        """Run layer ``li``'s MLP on the pass's kept neurons only (inside ``stack``) when few are kept."""
+        """Run layer ``li``'s MLP on the pass's kept neurons only (inside ``stack``) when few are kept; the MLP
+        sees the positions from ``start`` on."""
         if not self._sparse_site() or eb.node_pos is not None:
             return False
         units = masks.reshape(-1, masks.shape[-1]).any(0)
@@ -364,7 +374,7 @@ class EvalSet:
         modules = shortcut.sparse_mlp_modules(self.model, layer)
         if modules is None:
             return False
-        p0, down = self.prefix, modules[2]
+        p0, down = start, modules[2]
         key = ("down", bi if self.ablation == "resample" else None, li)
         if self.ablation == "mean":
             replacement = self.mean[eb.keys[p0:], li]  # [T, w]
@@ -398,8 +408,8 @@ class EvalSet:
 
     def _ablator(self, eb: EvalBatch, li: int, masks: torch.Tensor, p0: int = 0):
         """The hook of layer ``li`` for a pass of ``len(masks)`` circuits: row block ``c`` of the repeated batch
-        keeps what ``masks[c]`` (``[T, w]`` from position ``p0`` on, ``[S, w]`` slots or ``[w]``) keeps and
-        takes the ablation value elsewhere."""
+        keeps what ``masks[c]`` (``[T, w]`` from position ``p0`` on, the positions the site sees; ``[S, w]``
+        slots or ``[w]``) keeps and takes the ablation value elsewhere."""
         m = masks.shape[0]
         if eb.node_pos is not None and masks.dim() == 3:
             masks = masks[:, eb.node_pos]  # slots -> this batch's tokens

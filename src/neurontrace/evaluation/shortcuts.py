@@ -16,6 +16,8 @@ pass in full, the reference ``benchmarks/bench_sweep.py`` compares against):
   projections are the model's own modules, given a sparse ``forward`` for the duration of the pass.
 - **Vocabulary subset.** The logit-difference metric reads two logits per prompt: the unembedding computes the
   rows of the batch's answer and contrast tokens only.
+- **Last MLP at the last position.** That metric reads the last position only, and the last layer's MLP output
+  reaches no other position: it runs on the last position alone.
 
 Each changes the order of floating-point sums, so curves agree with the full passes to rounding (largest
 difference in ``benchmarks/bench_sweep.py``), not bit for bit.
@@ -193,6 +195,19 @@ def sparse_mlp(
     finally:
         for module in patched:
             del module.forward
+
+
+@contextmanager
+def last_position_mlp(model: NeuronModel) -> Iterator[None]:
+    """While inside, the last decoder layer's MLP runs on the last position only (its output broadcasts over the
+    positions when the layer adds it to the residual stream: the other positions' values are then wrong, and
+    nothing reads them when the metric reads the last position's logits)."""
+    mlp = model.layer_module(model.n_layers - 1, model.adapter.mlp)
+    handle = mlp.register_forward_pre_hook(lambda _m, args: (args[0][:, -1:], *args[1:]))
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 def subset_metric(metric: Metric) -> tuple[torch.Tensor, Metric] | None:
