@@ -311,7 +311,11 @@ class EvalSet:
             if m > 1:
                 prompts = None if batch.prompts is None else batch.prompts * m
                 batch = Batch(batch.input_ids.repeat(m, 1), batch.attention_mask.repeat(m, 1), prompts)
-            subset = shortcut.subset_metric(eb.metric) if fast else None
+            subset = None
+            if fast:  # the vocabulary ids the metric reads, once per test batch
+                if ("subset", bi) not in self.memo:
+                    self.memo[("subset", bi)] = shortcut.subset_metric(eb.metric)
+                subset = self.memo[("subset", bi)]
             cache = self._prefix_cache(bi, m) if p0 else None  # the unablated prefix: before any hook
             with torch.no_grad(), ExitStack() as stack:
                 handles: list = []
@@ -374,23 +378,19 @@ class EvalSet:
         modules = shortcut.sparse_mlp_modules(self.model, layer)
         if modules is None:
             return False
-        p0, down = start, modules[2]
-        key = ("down", bi if self.ablation == "resample" else None, li)
-        if self.ablation == "mean":
-            replacement = self.mean[eb.keys[p0:], li]  # [T, w]
-            if key not in self.memo:
-                self.memo[key] = shortcut.down_of(down, self.mean[:, li])  # [K, d]
-            down_r = self.memo[key][eb.keys[p0:]]
+        down = modules[2]
+        if (
+            self.ablation == "mean"
+        ):  # ablation values at every position, and how to read this pass's positions
+            source, pick = self.mean[:, li], lambda t: t[eb.keys[start:]]  # [K, w]
         elif self.ablation == "zero":
-            replacement = torch.zeros(())
-            if key not in self.memo:
-                self.memo[key] = shortcut.down_of(down, torch.zeros(masks.shape[-1]))
-            down_r = self.memo[key]
+            source, pick = torch.zeros(masks.shape[-1]), lambda t: t  # [w]
         else:
-            replacement = eb.values[:, li, p0:]  # [B, T, w]
-            if key not in self.memo:
-                self.memo[key] = shortcut.down_of(down, eb.values[:, li])
-            down_r = self.memo[key][:, p0:]
+            source, pick = eb.values[:, li], lambda t: t[:, start:]  # [B, T, w]
+        key = ("down", bi if self.ablation == "resample" else None, li)
+        if key not in self.memo:
+            self.memo[key] = shortcut.down_of(down, source)
+        replacement, down_r = pick(source), pick(self.memo[key])
         device, dtype = down.weight.device, down.weight.dtype
         keep = masks[:, None] if masks.dim() == 3 else masks[:, None, None]
         stack.enter_context(
