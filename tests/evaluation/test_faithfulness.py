@@ -87,7 +87,7 @@ def test_exact_patching_circuits_beat_random_ones(model):
 
 
 def test_sweep_costs_one_forward_per_batch_per_quantity(model):
-    ev = prepare_eval(model, PAIRS, ablation="mean", batch_size=8)
+    ev = prepare_eval(model, PAIRS, ablation="mean", batch_size=8, shortcuts=False)  # no mask memo
     n_batches = len(ev.batches)
     scores = torch.randn(model.n_layers, model.d_ff)  # position-free nodes
     start = ev.forwards

@@ -70,6 +70,8 @@ class Spy:
         self.handles.append(head.register_forward_hook(lambda m, i, o: self.logits.append(o.shape[-1])))
         embed = model.hf.get_submodule(a.embed)
         self.handles.append(embed.register_forward_hook(lambda m, i, o: self.lengths.append(i[0].shape[1])))
+        self.rows = []  # rows of every embedded batch
+        self.handles.append(embed.register_forward_hook(lambda m, i, o: self.rows.append(i[0].shape[0])))
         self.last_mlp = []  # positions the last layer's MLP sees
         last = model.layer_module(model.n_layers - 1, a.mlp)
         self.handles.append(last.register_forward_hook(lambda m, i, o: self.last_mlp.append(i[0].shape[1])))
@@ -113,8 +115,9 @@ def test_shortcut_passes_give_the_full_passes_metric(family, ablation):
     # the last MLP ran at the last position only (and in the one-token prefix run)
     assert set(spy.last_mlp) == {1}
     if fast.prefix:
-        # passes ran after the shared prefix (the prefix itself once per batch and pass size), never in full
-        assert set(spy.lengths) == {fast.prefix, fast.width - fast.prefix}
+        # passes ran after the shared prefix (the prefix itself once, one row, for every pass), never in full
+        assert set(spy.lengths) == {fast.prefix, fast.width - fast.prefix} and fast.width > 2 * fast.prefix
+        assert [r for r, n in zip(spy.rows, spy.lengths, strict=True) if n == fast.prefix] == [1]
     # Agreement is not vacuous: the masks change the metric.
     assert (want[0] - want[4]).abs().max() > 1e-3
 
@@ -153,22 +156,63 @@ def test_a_sweep_with_shortcuts_matches_the_full_sweep():
 
 
 def test_passes_group_circuits_that_keep_few_neurons():
-    """A pass's MLPs run sparse only when every circuit in it keeps few neurons: the grouping puts small circuits
-    together, whatever order they come in."""
+    """A pass's MLPs run sparse only where its circuits' union keeps few neurons: the grouping puts the top-k
+    circuits of one ranking together (they keep the same neurons), not with random circuits of their sizes (that
+    keep others) nor with the complements (that keep nearly all), whatever order they come in; by estimated cost
+    it does at least as well as passes in order of size."""
     model = make_tiny("llama", seed=4)
     ev = prepare_eval(model, PAIRS, ablation="mean", batch_size=8)
-    scores = torch.randn(model.n_layers, 5, model.d_ff, generator=torch.Generator().manual_seed(2))
-    order = ranking(scores)
-    masks = []
-    for k in (3, scores.numel() - 3, 10, scores.numel() - 10, 30):  # small and large, interleaved
-        flat = torch.zeros(scores.numel(), dtype=torch.bool)
-        flat[order[:k]] = True
-        masks.append(flat.view(scores.shape))
-    chunks = ev._chunks(masks, list(range(len(masks))), 4)
-    assert chunks == [[0, 2, 4], [3, 1]]  # by size within a kind
-    assert ev._chunks(masks, list(range(len(masks))), 2) == [[0, 2], [4], [3, 1]]
-    ev.shortcuts = False
-    assert ev._chunks(masks, list(range(len(masks))), 4) == [[0, 1, 2, 3], [4]]
+    scores = torch.randn(model.n_layers, ev.width, model.d_ff, generator=torch.Generator().manual_seed(2))
+    order, g = ranking(scores), torch.Generator().manual_seed(0)
+    masks, kinds = [], []
+    for k in (3, 10, 30):
+        for kind in ("top", "random", "complement"):
+            flat = torch.zeros(scores.numel(), dtype=torch.bool)
+            flat[order[:k] if kind != "random" else torch.randperm(scores.numel(), generator=g)[:k]] = True
+            masks.append(~flat.view(scores.shape) if kind == "complement" else flat.view(scores.shape))
+            kinds.append(kind)
+    units = [ev._kept_units(m) for m in masks]
+    chunks = shortcut.group_passes(units, 8, tokens=128)  # 32 prompts of 4 positions per circuit
+    top = [i for i, kind in enumerate(kinds) if kind == "top"]
+    assert any(set(top) <= set(c) for c in chunks)  # the top-k circuits share one pass
+    assert [2, 5, 8] in [sorted(c) for c in chunks]  # the complements go together, with nothing else
+    assert not any(7 in c and 6 in c for c in chunks)  # the largest random circuit keeps other neurons
+    cost = lambda groups: sum(  # noqa: E731
+        shortcut.pass_cost(torch.stack([units[i] for i in c]).any(0), len(c), 128) for c in groups
+    )
+    by_size = sorted(range(len(masks)), key=lambda i: int(masks[i].sum()))
+    assert cost(chunks) <= cost([by_size[:8], by_size[8:]])
+    # the evaluation set's passes: the same grouping at its own token count (8 prompts of 4 positions here)
+    assert ev._tokens() == 8 * (ev.width - ev.prefix)
+    assert ev._chunks(masks, list(range(len(masks))), 8) == shortcut.group_passes(units, 8, ev._tokens())
+    assert all(len(c) <= 2 for c in ev._chunks(masks, list(range(len(masks))), 2))
+    assert sorted(i for c in ev._chunks(masks, list(range(len(masks))), 2) for i in c) == list(range(9))
+    ev.shortcuts = False  # full passes: in the order given
+    assert ev._chunks(masks, list(range(len(masks))), 4) == [[0, 1, 2, 3], [4, 5, 6, 7], [8]]
+
+
+def test_a_mask_evaluated_before_is_not_run_again():
+    """With the shortcuts, a mask's values are kept: the same mask again (in the same call or later), and the
+    all-kept mask after the full model, cost no forward and give the same values."""
+    model = make_tiny("llama", seed=1)
+    ev = prepare_eval(model, PAIRS, ablation="mean", batch_size=8)
+    scores = torch.randn(model.n_layers, ev.width, model.d_ff, generator=torch.Generator().manual_seed(3))
+    small = scores > 1.0
+    start = ev.forwards
+    a, b, model_values = ev.metric_values_many([small, small.clone(), None])
+    assert ev.forwards - start == 2 * len(ev.batches)
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+    again, full = ev.metric_values_many([small, torch.ones_like(small)])
+    assert ev.forwards - start == 2 * len(ev.batches)  # nothing new ran
+    torch.testing.assert_close(again, a, rtol=0, atol=0)
+    torch.testing.assert_close(full, model_values, rtol=0, atol=0)
+    other = ev.metric_values(scores > 0.5)
+    assert ev.forwards - start == 3 * len(ev.batches)
+    assert not torch.equal(other, a)
+    ev_full = prepare_eval(model, PAIRS, ablation="mean", batch_size=8, shortcuts=False)
+    start = ev_full.forwards
+    ev_full.metric_values_many([small, small])  # full passes: every mask runs, as before the shortcuts
+    assert ev_full.forwards - start == 2 * len(ev_full.batches)
 
 
 def test_no_sparse_mlp_on_dispatched_modules_and_no_subset_for_other_metrics():

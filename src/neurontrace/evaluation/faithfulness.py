@@ -41,6 +41,7 @@ the plain per-position mean. Resample donors are drawn among test examples of th
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from collections.abc import Sequence
@@ -129,7 +130,7 @@ class EvalSet:
     shortcuts: bool = True  # skip work that gives the same metric (.shortcuts); False: every pass in full
     memo: dict = field(
         default_factory=dict, repr=False
-    )  # prefix caches and down(ablation value), per pass shape
+    )  # the prefix cache, down(ablation value), metric values per mask (shortcuts)
 
     @property
     def n_examples(self) -> int:
@@ -174,9 +175,12 @@ class EvalSet:
         as it is for that circuit's rows (on a dictionary site, the site's own value, not the dictionary's
         splice), as :meth:`metric_values` leaves it unhooked. Masks of different shapes go in different passes.
 
-        Accounting: :attr:`forwards` grows by one per circuit and test batch (the forwards of one circuit per
+        With :attr:`shortcuts`, a mask evaluated before on this set (or twice in one call; keeping every node
+        is the full model) is not run again: its values come from :attr:`memo`.
+
+        Accounting: :attr:`forwards` grows by one per circuit run and test batch (the forwards of one circuit per
         pass, whatever the batching), :attr:`passes` by one per forward pass run. Launched distributed, the
-        values of all circuits are reduced together, once per call.
+        values of all circuits run are reduced together, once per call.
         """
         if not keeps:
             return []
@@ -184,19 +188,27 @@ class EvalSet:
         per_pass = self.circuits_per_pass() if circuits_per_pass is None else int(circuits_per_pass)
         if per_pass < 1:
             raise NeurontraceError("circuits per forward pass must be at least 1")
-        shapes = list(dict.fromkeys(tuple(k.shape) for k in keeps if k is not None))
+        keys = [self._values_key(k) for k in keeps] if self.shortcuts else list(range(len(keeps)))
+        todo = list({key: i for i, key in reversed(list(enumerate(keys))) if key not in self.memo}.values())
+        todo.sort()  # each mask not evaluated before, once
+        shapes = list(dict.fromkeys(tuple(keeps[i].shape) for i in todo if keeps[i] is not None))
         groups: dict[tuple | None, list[int]] = {}
-        for i, keep in enumerate(keeps):  # the full model (None) goes with the first shape
-            shape = (shapes[0] if shapes else None) if keep is None else tuple(keep.shape)
+        for i in todo:  # the full model (None) goes with the first shape
+            shape = (shapes[0] if shapes else None) if keeps[i] is None else tuple(keeps[i].shape)
             groups.setdefault(shape, []).append(i)
-        out = torch.zeros(len(keeps), self.n_total, dtype=torch.float64)
+        fresh = torch.zeros(len(keeps), self.n_total, dtype=torch.float64)
         for members in groups.values():
             for chunk in self._chunks(keeps, members, per_pass):
                 values = self._run_pass([keeps[i] for i in chunk])
                 for i, v in zip(chunk, values, strict=True):
-                    out[i] = v
-        if distributed.world().size > 1:
-            out = distributed.all_reduce_sum(out)
+                    fresh[i] = v
+        if distributed.world().size > 1 and todo:  # every process has the same masks, so the same todo
+            fresh = distributed.all_reduce_sum(fresh)
+        out = fresh
+        if self.shortcuts:
+            for i in todo:
+                self.memo[keys[i]] = fresh[i]
+            out = torch.stack([self.memo[key] for key in keys])
         if torch.isnan(out).any():
             raise NeurontraceError(
                 "the metric is NaN on some test examples under this ablation; check the model's precision "
@@ -205,37 +217,37 @@ class EvalSet:
         return list(out.unbind(0))
 
     def _chunks(self, keeps: list, members: list[int], per_pass: int) -> list[list[int]]:
-        """``members`` in passes of at most ``per_pass``. With the sparse-MLP shortcut, circuits that keep few
-        neurons go together (ordered by size, a pass never mixing them with circuits that keep many), so that
-        a pass's union of kept neurons stays small."""
+        """``members`` in passes of at most ``per_pass``. With the sparse-MLP shortcut, by the passes' estimated
+        cost (:func:`.shortcuts.group_passes`): circuits that keep few neurons go together, with circuits
+        that keep the same ones, so that a pass's union of kept neurons stays small."""
         if not self._sparse_site():
             return [members[i : i + per_pass] for i in range(0, len(members), per_pass)]
-        share = {i: self._kept_share(keeps[i]) for i in members}
-        count = {i: -1 if keeps[i] is None else int(keeps[i].sum()) for i in members}
-        order = sorted(members, key=lambda i: (share[i] > shortcut.SPARSE_SHARE, count[i], i))
-        chunks: list[list[int]] = []
-        for i in order:
-            sparse = share[i] <= shortcut.SPARSE_SHARE
-            if (
-                chunks
-                and len(chunks[-1]) < per_pass
-                and (share[chunks[-1][-1]] <= shortcut.SPARSE_SHARE) == sparse
-            ):
-                chunks[-1].append(i)
-            else:
-                chunks.append([i])
-        return chunks
+        groups = shortcut.group_passes(
+            [self._kept_units(keeps[i]) for i in members], per_pass, self._tokens()
+        )
+        return [[members[i] for i in group] for group in groups]
+
+    def _values_key(self, keep: torch.Tensor | None) -> tuple:
+        """The memo key of a site mask's metric values: its shape and a digest of its bits (keeping every node
+        is the full model, None)."""
+        if keep is None or bool(keep.all()):
+            return ("values", None)
+        bits = keep.contiguous().cpu().numpy().tobytes()
+        return ("values", tuple(keep.shape), hashlib.blake2b(bits, digest_size=16).digest())
 
     def _sparse_site(self) -> bool:
         """Whether passes may run MLPs on their kept neurons only (:mod:`.shortcuts`)."""
         return self.shortcuts and self.site == "neurons" and self.latents is None
 
-    def _kept_share(self, keep: torch.Tensor | None) -> float:
-        """Largest share of one layer's neurons that ``keep`` keeps at some position after the shared prefix."""
+    def _tokens(self) -> int:
+        """Tokens one circuit's rows of the largest test batch run through a pass (after the shared prefix)."""
+        return max((eb.batch.size * max(1, eb.batch.width - self.prefix) for eb in self.batches), default=1)
+
+    def _kept_units(self, keep: torch.Tensor | None) -> torch.Tensor:
+        """``[L, w]``: the neurons ``keep`` keeps at some position after the shared prefix (all for None)."""
         if keep is None:
-            return 1.0
-        units = keep[:, self.prefix :].any(1) if keep.dim() == 3 else keep
-        return float(units.float().mean(-1).max())
+            return torch.ones(len(self.layers), site_width(self.model, self.site), dtype=torch.bool)
+        return keep[:, self.prefix :].any(1) if keep.dim() == 3 else keep
 
     def circuits_per_pass(self) -> int:
         """Circuits one forward pass evaluates: :attr:`max_circuits` when set, else as many as fit in
@@ -316,7 +328,7 @@ class EvalSet:
                 if ("subset", bi) not in self.memo:
                     self.memo[("subset", bi)] = shortcut.subset_metric(eb.metric)
                 subset = self.memo[("subset", bi)]
-            cache = self._prefix_cache(bi, m) if p0 else None  # the unablated prefix: before any hook
+            cache = self._prefix_cache() if p0 else None  # the unablated prefix: before any hook
             with torch.no_grad(), ExitStack() as stack:
                 handles: list = []
                 stack.callback(lambda handles=handles: [h.remove() for h in handles])
@@ -356,23 +368,24 @@ class EvalSet:
                 out[c][eb.rows] = metric(logits[c * b : (c + 1) * b]).detach().double().cpu()
         return out
 
-    def _prefix_cache(self, bi: int, m: int):
-        """The key/value cache of test batch ``bi``'s shared prefix, for a pass of ``m`` circuits (kept)."""
-        key = ("prefix", bi, m)
-        if key not in self.memo:
-            ids = self.batches[bi].batch.input_ids.repeat(m, 1)
-            self.memo[key] = shortcut.prefix_cache(self.model, ids, self.prefix)
-        return self.memo[key]
+    def _prefix_cache(self):
+        """The key/value cache of the shared prefix (one row: every test prompt starts with it; kept)."""
+        if "prefix" not in self.memo:
+            self.memo["prefix"] = shortcut.prefix_cache(
+                self.model, self.batches[0].batch.input_ids, self.prefix
+            )
+        return self.memo["prefix"]
 
     def _enter_sparse_mlp(
         self, stack: ExitStack, eb: EvalBatch, bi: int, li: int, masks: torch.Tensor, start: int
     ) -> bool:
-        """Run layer ``li``'s MLP on the pass's kept neurons only (inside ``stack``) when few are kept; the MLP
-        sees the positions from ``start`` on."""
+        """Run layer ``li``'s MLP on the pass's kept neurons only (inside ``stack``) when few are kept
+        (:func:`.shortcuts.runs_sparse`); the MLP sees the positions from ``start`` on."""
         if not self._sparse_site() or eb.node_pos is not None:
             return False
         units = masks.reshape(-1, masks.shape[-1]).any(0)
-        if float(units.float().mean()) > shortcut.SPARSE_SHARE:
+        tokens = masks.shape[0] * eb.batch.size * (eb.batch.width - start)  # the rows' positions the MLP sees
+        if not shortcut.runs_sparse(float(units.float().mean()), tokens):
             return False
         layer = self.layers[li]
         modules = shortcut.sparse_mlp_modules(self.model, layer)

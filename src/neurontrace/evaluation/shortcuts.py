@@ -6,8 +6,8 @@ pass in full, the reference ``benchmarks/bench_sweep.py`` compares against):
 
 - **Shared prefix.** Where every clean and counterfactual test prompt has the same first tokens, a node at those
   positions has the same activation in every prompt (the model is causal), so mean and resample ablation give
-  it its own value back. Those positions are computed once per test batch (the model's key/value cache of the
-  clean prefix), and every pass runs only the positions after them. Zero ablation changes them, so it has no
+  it its own value back. Those positions are computed once (the model's key/value cache of the clean prefix,
+  one row, repeated to every row of a pass), and every pass runs only the positions after them. Zero ablation changes them, so it has no
   shared prefix. With test prompts of several token lengths only the first position is shared (the others'
   mean-ablation values pool positions at one distance from the end).
 - **Sparse MLP.** A layer where every circuit of a pass ablates most neurons needs the gate and up projections
@@ -38,7 +38,76 @@ from neurontrace.attribution.metrics import Metric, make_metric
 from neurontrace.models.model import NeuronModel
 
 SPARSE_SHARE = 0.5
-"""Largest share of a layer's neurons a pass may keep for its MLP to run on the kept ones only."""
+"""Largest share of a layer's neurons a pass may keep for its MLP to run on the kept ones only (see
+:func:`runs_sparse`; at 1,024 tokens a share of 0.7 still saved a fifth of the MLP, but whole sweeps ran no
+faster)."""
+
+GATHER_TOKENS = 115.0
+"""What gathering the kept neurons' weight rows and columns costs a sparse MLP, as the tokens whose products cost
+as much (the gather is per pass, the products per token; measured on the default model on a CPU with
+``sparse_mlp`` against the dense MLP and its ablation hook: at 128 tokens a sparse MLP keeping a share ``s``
+costs about ``0.05 + 1.9 s`` of the dense one, at 1,024 tokens ``0.05 + 1.1 s``)."""
+
+CIRCUIT_COST = 0.6
+"""What one circuit's rows cost a pass besides their MLPs (attention, norms, hooks), in units of their MLPs run
+in full; measured on the default model on a CPU (sweep passes of one to eight sparse and dense circuits)."""
+
+PASS_COST = 0.6
+"""What a pass costs whatever its circuits (its fixed work), in the units of :data:`CIRCUIT_COST`."""
+
+
+def sparse_cost(share: float | torch.Tensor, tokens: int) -> float | torch.Tensor:
+    """Estimated cost of an MLP run on a ``share`` of its neurons for ``tokens`` tokens, as a share of the dense
+    MLP (with its ablation hook)."""
+    return 0.05 + share * (1.0 + GATHER_TOKENS / max(1, tokens))
+
+
+def runs_sparse(share: float, tokens: int) -> bool:
+    """Whether a pass's MLP that keeps ``share`` of its neurons for ``tokens`` tokens runs on the kept ones only:
+    at most :data:`SPARSE_SHARE`, and cheaper than the dense MLP by a margin."""
+    return share <= SPARSE_SHARE and float(sparse_cost(share, tokens)) < 0.9
+
+
+def pass_cost(units: torch.Tensor, circuits: int, tokens: int) -> float:
+    """Estimated cost of a pass of ``circuits`` circuits of ``tokens`` tokens each whose union of kept neurons is
+    ``units`` (``[L, w]`` boolean, over the circuits and positions): per circuit :data:`CIRCUIT_COST` plus each
+    layer's MLP, :func:`sparse_cost` where it runs sparse (:func:`runs_sparse`), else all of it; plus
+    :data:`PASS_COST`."""
+    share = units.float().mean(-1)
+    n = circuits * tokens
+    sparse = (share <= SPARSE_SHARE) & (sparse_cost(share, n) < 0.9)
+    mlp = torch.where(sparse, sparse_cost(share, n), torch.ones_like(share))
+    return PASS_COST + circuits * (CIRCUIT_COST + float(mlp.mean()))
+
+
+def group_passes(units: list[torch.Tensor], per_pass: int, tokens: int) -> list[list[int]]:
+    """Circuits (their kept neurons ``units[i]``, ``[L, w]`` each, over ``tokens`` tokens per circuit) in passes
+    of at most ``per_pass``, by estimated cost (:func:`pass_cost`): in order of size, each joins the open pass it
+    makes least dearer, or opens one when that is cheaper. Circuits that keep few neurons then share passes with circuits that keep
+    the same neurons (the larger top-k circuits of one ranking) rather than with circuits of their size that
+    keep others (random controls), and a pass never makes a sparse MLP dense for one circuit."""
+    order = sorted(range(len(units)), key=lambda i: (int(units[i].sum()), i))
+    passes: list[list[int]] = []
+    unions: list[torch.Tensor] = []
+    costs: list[float] = []
+    for i in order:
+        best, where, joined = pass_cost(units[i], 1, tokens), None, None
+        for j, members in enumerate(passes):
+            if len(members) >= per_pass:
+                continue
+            union = unions[j] | units[i]
+            extra = pass_cost(union, len(members) + 1, tokens) - costs[j]
+            if extra < best:
+                best, where, joined = extra, j, union
+        if where is None:
+            passes.append([i])
+            unions.append(units[i].clone())
+            costs.append(best)
+        else:
+            passes[where].append(i)
+            unions[where] = joined
+            costs[where] += best
+    return passes
 
 
 def shared_prefix_length(prompts: list[torch.Tensor], ablation: str) -> int:
@@ -63,18 +132,19 @@ def _cache_argument(module: nn.Module) -> str:
 
 
 def prefix_cache(model: NeuronModel, input_ids: torch.Tensor, prefix: int):
-    """The key/value cache of the first ``prefix`` tokens of ``input_ids`` (the unablated model; the decoder
-    only, no unembedding)."""
+    """The key/value cache of the first ``prefix`` tokens of ``input_ids``' first row (the unablated model; the
+    decoder only, no unembedding): every row shares them, so one row serves any batch (:func:`forward_after`
+    repeats it)."""
     from transformers import DynamicCache
 
     cache = DynamicCache(config=model.hf.config)
-    ids = input_ids[:, :prefix].to(model.device)
+    ids = input_ids[:1, :prefix].to(model.device)
     decoder = model.hf.base_model
     with torch.no_grad():
         decoder(
             input_ids=ids,
             attention_mask=torch.ones_like(ids),
-            position_ids=torch.arange(prefix, device=ids.device).expand(ids.shape[0], -1),
+            position_ids=torch.arange(prefix, device=ids.device)[None],
             use_cache=True,
             **{_cache_argument(decoder): cache},
         )
@@ -82,17 +152,20 @@ def prefix_cache(model: NeuronModel, input_ids: torch.Tensor, prefix: int):
 
 
 def forward_after(model: NeuronModel, input_ids: torch.Tensor, prefix: int, cache) -> torch.Tensor:
-    """Last-position logits of ``input_ids`` (no padding) run from position ``prefix`` on, with a copy of the
-    prefix's ``cache`` (the forward extends the cache it gets)."""
+    """Last-position logits of ``input_ids`` (no padding; every row starting with the prefix's tokens) run from
+    position ``prefix`` on, with a copy of the prefix's one-row ``cache`` repeated to every row (the forward
+    extends the cache it gets)."""
     ids = input_ids.to(model.device)
     t = ids.shape[1]
+    cache = copy.deepcopy(cache)
+    cache.batch_repeat_interleave(ids.shape[0])
     return model.hf(
         input_ids=ids[:, prefix:],
         attention_mask=torch.ones_like(ids),
         position_ids=torch.arange(prefix, t, device=ids.device).expand(ids.shape[0], -1),
         use_cache=True,
         logits_to_keep=1,
-        **{_cache_argument(model.hf): copy.deepcopy(cache)},
+        **{_cache_argument(model.hf): cache},
     ).logits
 
 
