@@ -1,23 +1,29 @@
 """Shortcuts of an ablation forward pass that leave its metric unchanged up to rounding.
 
 An evaluation sweep runs the test set once per circuit (:mod:`.faithfulness`); most of that work gives the same
-numbers every time. Three shortcuts skip it (``EvalSet(shortcuts=True)``, the default; ``False`` runs every
+numbers every time. These shortcuts skip it (``EvalSet(shortcuts=True)``, the default; ``False`` runs every
 pass in full, the reference ``benchmarks/bench_sweep.py`` compares against):
 
 - **Shared prefix.** Where every clean and counterfactual test prompt has the same first tokens, a node at those
   positions has the same activation in every prompt (the model is causal), so mean and resample ablation give
   it its own value back. Those positions are computed once (the model's key/value cache of the clean prefix,
-  one row, repeated to every row of a pass), and every pass runs only the positions after them. Zero ablation changes them, so it has no
-  shared prefix. With test prompts of several token lengths only the first position is shared (the others'
+  one row, repeated to every row of a pass), and every pass runs only the positions after them. Zero ablation
+  changes them, so it has no shared prefix. With test prompts of several token lengths only the first position is shared (the others'
   mean-ablation values pool positions at one distance from the end).
 - **Sparse MLP.** A layer where every circuit of a pass ablates most neurons needs the gate and up projections
   only for the kept neurons (the union over the pass's circuits and positions): ``down(v) = down(r) + W_down[:,
-  U] (v - r)[U]`` with ``r`` the ablation value and ``U`` the kept units, ``down(r)`` computed once. The
-  projections are the model's own modules, given a sparse ``forward`` for the duration of the pass.
+  U] (v - r)[U]`` with ``r`` the ablation value and ``U`` the kept units, ``down(r)`` computed once (where
+  that is cheaper counting the weight gathers: :func:`runs_sparse`). The projections are the model's own
+  modules, given a sparse ``forward`` for the duration of the pass.
 - **Vocabulary subset.** The logit-difference metric reads two logits per prompt: the unembedding computes the
   rows of the batch's answer and contrast tokens only.
 - **Last MLP at the last position.** That metric reads the last position only, and the last layer's MLP output
   reaches no other position: it runs on the last position alone.
+- **Masks seen before.** A sweep meets some masks twice (the empty circuit, the full model as the largest
+  circuit and as the complement of the empty one): their kept values serve (``EvalSet.memo``).
+
+Passes are grouped by an estimated cost (:func:`group_passes`), so that circuits that keep the same few neurons
+(the small top-k circuits of one ranking) share a pass and its sparse MLPs.
 
 Each changes the order of floating-point sums, so curves agree with the full passes to rounding (largest
 difference in ``benchmarks/bench_sweep.py``), not bit for bit.
