@@ -192,26 +192,31 @@ def test_passes_group_circuits_that_keep_few_neurons():
 
 
 def test_a_mask_evaluated_before_is_not_run_again():
-    """With the shortcuts, a mask's values are kept: the same mask again (in the same call or later), and the
-    all-kept mask after the full model, cost no forward and give the same values."""
+    """With the shortcuts and a ``seen`` memo (a sweep's own), a mask's values are kept: the same mask again (in the
+    same call or later), and the all-kept mask after the full model, cost no forward and give the same values;
+    without the memo, or with full passes, every mask runs."""
     model = make_tiny("llama", seed=1)
     ev = prepare_eval(model, PAIRS, ablation="mean", batch_size=8)
     scores = torch.randn(model.n_layers, ev.width, model.d_ff, generator=torch.Generator().manual_seed(3))
-    small = scores > 1.0
+    small, seen = scores > 1.0, {}
     start = ev.forwards
-    a, b, model_values = ev.metric_values_many([small, small.clone(), None])
+    a, b, model_values = ev.metric_values_many([small, small.clone(), None], seen=seen)
     assert ev.forwards - start == 2 * len(ev.batches)
     torch.testing.assert_close(a, b, rtol=0, atol=0)
-    again, full = ev.metric_values_many([small, torch.ones_like(small)])
+    again, full = ev.metric_values_many([small, torch.ones_like(small)], seen=seen)
     assert ev.forwards - start == 2 * len(ev.batches)  # nothing new ran
     torch.testing.assert_close(again, a, rtol=0, atol=0)
     torch.testing.assert_close(full, model_values, rtol=0, atol=0)
-    other = ev.metric_values(scores > 0.5)
+    other = ev.metric_values_many([scores > 0.5], seen=seen)[0]
     assert ev.forwards - start == 3 * len(ev.batches)
     assert not torch.equal(other, a)
+    ev.metric_values_many([small, small])  # no memo: both run
+    assert ev.forwards - start == 5 * len(ev.batches)
     ev_full = prepare_eval(model, PAIRS, ablation="mean", batch_size=8, shortcuts=False)
     start = ev_full.forwards
-    ev_full.metric_values_many([small, small])  # full passes: every mask runs, as before the shortcuts
+    ev_full.metric_values_many(
+        [small, small], seen={}
+    )  # full passes: every mask runs, as before the shortcuts
     assert ev_full.forwards - start == 2 * len(ev_full.batches)
 
 

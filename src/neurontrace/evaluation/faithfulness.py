@@ -130,7 +130,7 @@ class EvalSet:
     shortcuts: bool = True  # skip work that gives the same metric (.shortcuts); False: every pass in full
     memo: dict = field(
         default_factory=dict, repr=False
-    )  # the prefix cache, down(ablation value), metric values per mask (shortcuts)
+    )  # the prefix cache and down(ablation value) (shortcuts)
 
     @property
     def n_examples(self) -> int:
@@ -164,7 +164,11 @@ class EvalSet:
         return float(self.metric_values(keep).mean())
 
     def metric_values_many(
-        self, keeps: Sequence[torch.Tensor | None], *, circuits_per_pass: int | None = None
+        self,
+        keeps: Sequence[torch.Tensor | None],
+        *,
+        circuits_per_pass: int | None = None,
+        seen: dict | None = None,
     ) -> list[torch.Tensor]:
         """:meth:`metric_values` of every mask of ``keeps``, up to ``circuits_per_pass`` circuits (default
         :meth:`circuits_per_pass`) in one forward pass of each test batch.
@@ -175,8 +179,9 @@ class EvalSet:
         as it is for that circuit's rows (on a dictionary site, the site's own value, not the dictionary's
         splice), as :meth:`metric_values` leaves it unhooked. Masks of different shapes go in different passes.
 
-        With :attr:`shortcuts`, a mask evaluated before on this set (or twice in one call; keeping every node
-        is the full model) is not run again: its values come from :attr:`memo`.
+        ``seen``: the values of masks measured before (a sweep's own, so that its curve does not depend on what
+        ran before it), filled in; with it and :attr:`shortcuts`, a mask in ``seen`` (or twice in the call;
+        keeping every node is the full model) is not run again.
 
         Accounting: :attr:`forwards` grows by one per circuit run and test batch (the forwards of one circuit per
         pass, whatever the batching), :attr:`passes` by one per forward pass run. Launched distributed, the
@@ -188,9 +193,10 @@ class EvalSet:
         per_pass = self.circuits_per_pass() if circuits_per_pass is None else int(circuits_per_pass)
         if per_pass < 1:
             raise NeurontraceError("circuits per forward pass must be at least 1")
-        keys = [self._values_key(k) for k in keeps] if self.shortcuts else list(range(len(keeps)))
-        todo = list({key: i for i, key in reversed(list(enumerate(keys))) if key not in self.memo}.values())
-        todo.sort()  # each mask not evaluated before, once
+        memo = seen is not None and self.shortcuts
+        keys = [self._values_key(k) for k in keeps] if memo else list(range(len(keeps)))
+        known = seen if memo else {}
+        todo = sorted({key: i for i, key in reversed(list(enumerate(keys))) if key not in known}.values())
         shapes = list(dict.fromkeys(tuple(keeps[i].shape) for i in todo if keeps[i] is not None))
         groups: dict[tuple | None, list[int]] = {}
         for i in todo:  # the full model (None) goes with the first shape
@@ -205,10 +211,10 @@ class EvalSet:
         if distributed.world().size > 1 and todo:  # every process has the same masks, so the same todo
             fresh = distributed.all_reduce_sum(fresh)
         out = fresh
-        if self.shortcuts:
+        if memo:  # each mask not measured before ran once
             for i in todo:
-                self.memo[keys[i]] = fresh[i]
-            out = torch.stack([self.memo[key] for key in keys])
+                known[keys[i]] = fresh[i]
+            out = torch.stack([known[key] for key in keys])
         if torch.isnan(out).any():
             raise NeurontraceError(
                 "the metric is NaN on some test examples under this ablation; check the model's precision "
@@ -228,8 +234,8 @@ class EvalSet:
         return [[members[i] for i in group] for group in groups]
 
     def _values_key(self, keep: torch.Tensor | None) -> tuple:
-        """The memo key of a site mask's metric values: its shape and a digest of its bits (keeping every node
-        is the full model, None)."""
+        """The key of a site mask's metric values in ``seen``: its shape and a digest of its bits (keeping every
+        node is the full model, None)."""
         if keep is None or bool(keep.all()):
             return ("values", None)
         bits = keep.contiguous().cpu().numpy().tobytes()
@@ -858,6 +864,7 @@ class _Measurer:
         self.ahead: dict[int, torch.Tensor] = {}
         self.ahead_complements: dict[int, list[torch.Tensor]] = {}  # size -> [complement, random] values
         self.kept = 0
+        self.seen: dict = {}  # values of the masks measured (the shortcuts run none twice)
         model, empty = self.evaluate([None, self.with_fixed(torch.zeros_like(scores, dtype=torch.bool))])
         self.f_model, self.f_empty = float(model.mean()), float(empty.mean())
         self.denom = self.f_model - self.f_empty
@@ -873,7 +880,7 @@ class _Measurer:
         self.kept = 2 * len(evalset.batches)
 
     def evaluate(self, masks: list[torch.Tensor | None]) -> list[torch.Tensor]:
-        return self.evalset.metric_values_many(masks, circuits_per_pass=self.width)
+        return self.evalset.metric_values_many(masks, circuits_per_pass=self.width, seen=self.seen)
 
     def keep(self, kind: str, k: int, values: torch.Tensor) -> None:
         self.samples[kind][str(k)] = values.tolist()
