@@ -8,8 +8,8 @@ pass in full, the reference ``benchmarks/bench_sweep.py`` compares against):
   positions has the same activation in every prompt (the model is causal), so mean and resample ablation give
   it its own value back. Those positions are computed once (the model's key/value cache of the clean prefix,
   one row, repeated to every row of a pass), and every pass runs only the positions after them. Zero ablation
-  changes them, so it has no shared prefix. With test prompts of several token lengths only the first position is shared (the others'
-  mean-ablation values pool positions at one distance from the end).
+  changes them, so it has no shared prefix. With test prompts of several token lengths only the first position
+  is shared (the others' mean-ablation values pool positions at one distance from the end).
 - **Sparse MLP.** A layer where every circuit of a pass ablates most neurons needs the gate and up projections
   only for the kept neurons (the union over the pass's circuits and positions): ``down(v) = down(r) + W_down[:,
   U] (v - r)[U]`` with ``r`` the ablation value and ``U`` the kept units, ``down(r)`` computed once (where
@@ -20,7 +20,8 @@ pass in full, the reference ``benchmarks/bench_sweep.py`` compares against):
 - **Last MLP at the last position.** That metric reads the last position only, and the last layer's MLP output
   reaches no other position: it runs on the last position alone.
 - **Masks seen before.** A sweep meets some masks twice (the empty circuit, the full model as the largest
-  circuit and as the complement of the empty one): their kept values serve (``EvalSet.memo``).
+  circuit and as the complement of the empty one): the sweep's kept values serve (``seen`` of
+  ``EvalSet.metric_values_many``).
 
 Passes are grouped by an estimated cost (:func:`group_passes`), so that circuits that keep the same few neurons
 (the small top-k circuits of one ranking) share a pass and its sparse MLPs.
