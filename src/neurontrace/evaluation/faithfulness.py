@@ -237,9 +237,9 @@ class EvalSet:
         """The key of a site mask's metric values in ``seen``: its shape and a digest of its bits (keeping every
         node is the full model, None)."""
         if keep is None or bool(keep.all()):
-            return ("values", None)
+            return (None,)
         bits = keep.contiguous().cpu().numpy().tobytes()
-        return ("values", tuple(keep.shape), hashlib.blake2b(bits, digest_size=16).digest())
+        return (tuple(keep.shape), hashlib.blake2b(bits, digest_size=16).digest())
 
     def _sparse_site(self) -> bool:
         """Whether passes may run MLPs on their kept neurons only (:mod:`.shortcuts`)."""
@@ -398,9 +398,8 @@ class EvalSet:
         if modules is None:
             return False
         down = modules[2]
-        if (
-            self.ablation == "mean"
-        ):  # ablation values at every position, and how to read this pass's positions
+        # the ablation values at every position, and how to read this pass's positions from them
+        if self.ablation == "mean":
             source, pick = self.mean[:, li], lambda t: t[eb.keys[start:]]  # [K, w]
         elif self.ablation == "zero":
             source, pick = torch.zeros(masks.shape[-1]), lambda t: t  # [w]

@@ -69,10 +69,11 @@ def sparse_cost(share: float | torch.Tensor, tokens: int) -> float | torch.Tenso
     return 0.05 + share * (1.0 + GATHER_TOKENS / max(1, tokens))
 
 
-def runs_sparse(share: float, tokens: int) -> bool:
-    """Whether a pass's MLP that keeps ``share`` of its neurons for ``tokens`` tokens runs on the kept ones only:
-    at most :data:`SPARSE_SHARE`, and cheaper than the dense MLP by a margin."""
-    return share <= SPARSE_SHARE and float(sparse_cost(share, tokens)) < 0.9
+def runs_sparse(share: float | torch.Tensor, tokens: int) -> bool | torch.Tensor:
+    """Whether a pass's MLP that keeps ``share`` of its neurons for ``tokens`` tokens runs on the kept ones only
+    (elementwise for a tensor of shares): at most :data:`SPARSE_SHARE`, and cheaper than the dense MLP by a
+    margin (at most 0.9 of it)."""
+    return (share <= SPARSE_SHARE) & (sparse_cost(share, tokens) < 0.9)
 
 
 def pass_cost(units: torch.Tensor, circuits: int, tokens: int) -> float:
@@ -82,17 +83,16 @@ def pass_cost(units: torch.Tensor, circuits: int, tokens: int) -> float:
     :data:`PASS_COST`."""
     share = units.float().mean(-1)
     n = circuits * tokens
-    sparse = (share <= SPARSE_SHARE) & (sparse_cost(share, n) < 0.9)
-    mlp = torch.where(sparse, sparse_cost(share, n), torch.ones_like(share))
+    mlp = torch.where(runs_sparse(share, n), sparse_cost(share, n), torch.ones_like(share))
     return PASS_COST + circuits * (CIRCUIT_COST + float(mlp.mean()))
 
 
 def group_passes(units: list[torch.Tensor], per_pass: int, tokens: int) -> list[list[int]]:
     """Circuits (their kept neurons ``units[i]``, ``[L, w]`` each, over ``tokens`` tokens per circuit) in passes
     of at most ``per_pass``, by estimated cost (:func:`pass_cost`): in order of size, each joins the open pass it
-    makes least dearer, or opens one when that is cheaper. Circuits that keep few neurons then share passes with circuits that keep
-    the same neurons (the larger top-k circuits of one ranking) rather than with circuits of their size that
-    keep others (random controls), and a pass never makes a sparse MLP dense for one circuit."""
+    makes least dearer, or opens one when that is cheaper. Circuits that keep few neurons then share passes
+    with circuits that keep the same neurons (the larger top-k circuits of one ranking) rather than with
+    circuits of their size that keep others (random controls)."""
     order = sorted(range(len(units)), key=lambda i: (int(units[i].sum()), i))
     passes: list[list[int]] = []
     unions: list[torch.Tensor] = []
