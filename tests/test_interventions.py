@@ -28,6 +28,7 @@ def test_identity_interventions_leave_logits_unchanged(family):
     edits += [Edit(layer=1, op="scale", value=1.0, site=s) for s in ("mlp_out", "attn_out", "resid")]
     with intervene(model, edits):
         edited = model.logits(batch)
+    # exact: the same forward (same kernels, same shapes), and x * 1.0 and x + 0.0 are x in IEEE arithmetic
     torch.testing.assert_close(edited, clean, rtol=0, atol=0)
 
 
@@ -146,7 +147,7 @@ def test_mean_and_set_and_scale_values():
         finally:
             for h in handles:
                 h.remove()
-    assert torch.equal(seen[0], mean.expand_as(seen[0]))
+    assert torch.equal(seen[0], mean.expand_as(seen[0]))  # a copy of the given value: exact
     with intervene(model, edits[0]):
         clean = capture(model, batch).get(2)
     torch.testing.assert_close(seen[2][..., [1, 2]], 3 * clean[..., [1, 2]])
@@ -161,7 +162,7 @@ def test_hooks_removed_on_exit_and_after_exception():
         assert _n_hooks(model) > before
         raise RuntimeError("boom")
     assert _n_hooks(model) == before
-    torch.testing.assert_close(model.logits(batch), clean, rtol=0, atol=0)
+    torch.testing.assert_close(model.logits(batch), clean, rtol=0, atol=0)  # the same forward again: exact
 
 
 @pytest.mark.parametrize(

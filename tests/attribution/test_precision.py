@@ -60,6 +60,7 @@ def test_bfloat16_scores_are_float32_products_of_the_bf16_activations_and_gradie
     assert run.acts[0].dtype == torch.bfloat16 and run.metric.dtype == torch.float32
     expected = torch.stack([run.acts[i].detach().float() * grads[i].float() for i in layers], dim=1)
     assert out.scores.dtype == torch.float32
+    # exact: the very forward and backward the attributor runs (same kernels, same shapes), then one product
     torch.testing.assert_close(out.scores, expected, rtol=0, atol=0)
     assert (out.scores - out.scores.bfloat16().float()).abs().max() > 0  # finer than bf16 could hold
     for method in ("atp", "ig", "ig-inputs", "exact", "delta", "random"):

@@ -184,7 +184,8 @@ def test_blacklisted_neurons_score_zero_and_never_join_a_circuit(model):
         keep[layer, :, neuron] = 0
         assert (result.mean_scores[layer, :, neuron] == 0).all()
         assert (result.scores_sum[:, layer, neuron] == 0).all()
-    torch.testing.assert_close(result.mean_scores, plain * keep, rtol=0, atol=0)  # the rest unchanged
+    # the rest unchanged, exactly: the same forward and backward (same kernels, same shapes), then zeros set
+    torch.testing.assert_close(result.mean_scores, plain * keep, rtol=0, atol=0)
     circuit = select_circuit(result.mean_scores, layers=result.layers, top_k=20)
     members = {(n["layer"], n["unit"]) for n in circuit.nodes()}
     assert members.isdisjoint(map(tuple, banned))
@@ -347,6 +348,7 @@ def test_suffix_per_position_scores(model):
     plain = _scores(model)
     cut = _scores(model, suffix_length=2)
     assert (cut[:, :-2] == 0).all()
+    # exact: the suffix only zeroes the scores of one computation (same kernels, same shapes) afterwards
     torch.testing.assert_close(cut[:, -2:], plain[:, -2:], rtol=0, atol=0)
     whole = _scores(model, suffix_length=50)  # longer than the prompt: everything kept
     torch.testing.assert_close(whole, plain, rtol=0, atol=0)

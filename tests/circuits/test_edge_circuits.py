@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import make_tiny
+from rounding import largest_logit, metric_tolerance, normalised_tolerance
 
 from neurontrace.circuits.edges import (
     edge_percentiles,
@@ -187,30 +188,45 @@ def _hand_metric(model, pairs, keep: torch.Tensor | None) -> float:
 
 
 def test_edge_circuit_faithfulness_equals_node_path_and_hand_ablation(model, scores):
+    """The three computations run the same float32 model on other batch shapes (the sweep's passes, one circuit per
+    pass, the hand forward of the whole test set), so they agree to float32 rounding: each metric value within
+    ``t`` of tests/rounding.py, a faithfulness within its normalised_tolerance (the hand path also takes its mean
+    ablation value as a float32 mean where the library rounds a float64 one: one rounding more of an input, within
+    the 2 ulps a reduction is allowed)."""
     # full passes: the two code paths group circuits into passes differently, which moves the shortcuts' rounding
     ev = prepare_eval(model, TEST, ablation="mean", batch_size=32, shortcuts=False)
     percentiles = [0.0, 50.0, 90.0, 99.0]
-    curve = sweep_edges(ev, scores=scores, percentiles=percentiles, levels=(), random_control=False)
     sizes = [scores.circuit(percentile=p).n_nodes for p in percentiles]
     assert len(set(sizes)) >= 3 and sizes == sorted(sizes, reverse=True)  # nested, of different sizes
-    assert sorted(p.n_nodes for p in curve.points) == sorted(set(sizes))
     shape = (model.n_layers, scores.scores.shape[1], model.d_ff)
-    f_model = _hand_metric(model, TEST, None)
-    f_empty = _hand_metric(model, TEST, torch.zeros(shape, dtype=torch.bool))
-    assert curve.f_model == pytest.approx(f_model, abs=1e-5) and curve.f_empty == pytest.approx(
-        f_empty, abs=1e-5
-    )
+    with largest_logit(model) as scale:  # S of the tolerance: the largest |logit| of every forward below
+        curve = sweep_edges(ev, scores=scores, percentiles=percentiles, levels=(), random_control=False)
+        f_model = _hand_metric(model, TEST, None)
+        f_empty = _hand_metric(model, TEST, torch.zeros(shape, dtype=torch.bool))
+        # the node-based code path, called on its own with the same node sets, and a hand ablation with hooks
+        node_path = {
+            p: faithfulness_of(ev, scores.circuit(percentile=p), f_model=ev.metric_with(None), f_empty=curve.f_empty)
+            for p in percentiles
+        }  # fmt: skip
+        hand = {p: _hand_metric(model, TEST, scores.circuit(percentile=p).mask) for p in percentiles}
+    t = metric_tolerance(model, logit_scale=scale[0])
+    assert sorted(p.n_nodes for p in curve.points) == sorted(set(sizes))
+    assert curve.f_model == pytest.approx(f_model, abs=t) and curve.f_empty == pytest.approx(f_empty, abs=t)
+    denom = curve.f_model - curve.f_empty
     for p in percentiles:
         circuit = scores.circuit(percentile=p)
         point = next(q for q in curve.points if q.n_nodes == circuit.n_nodes)
         assert curve.meta["edge_percentiles"][str(circuit.n_nodes)] <= p
-        # the node-based code path, called on its own with the same node set
-        faith, comp = faithfulness_of(ev, circuit, f_model=ev.metric_with(None), f_empty=curve.f_empty)
-        assert point.faithfulness == pytest.approx(faith, abs=1e-9)
-        assert point.completeness == pytest.approx(comp, abs=1e-9)
-        # a hand ablation with hooks
-        hand = (_hand_metric(model, TEST, circuit.mask) - f_empty) / (f_model - f_empty)
-        assert point.faithfulness == pytest.approx(hand, abs=1e-4)
+        faith, comp = node_path[p]
+        assert point.faithfulness == pytest.approx(faith, abs=normalised_tolerance(faith, denom, t))
+        assert point.completeness == pytest.approx(comp, abs=normalised_tolerance(comp, denom, t))
+        by_hand = (hand[p] - f_empty) / (f_model - f_empty)
+        assert point.faithfulness == pytest.approx(by_hand, abs=normalised_tolerance(by_hand, denom, t))
+    # every two points differ by more than twice their tolerances: a point compared with another circuit's value
+    # would fail
+    faiths = [(q.faithfulness, normalised_tolerance(q.faithfulness, denom, t)) for q in curve.points]
+    for i, (a, ta) in enumerate(faiths):
+        assert all(abs(a - b) > 2 * (ta + tb) for b, tb in faiths[i + 1 :]), faiths
     assert curve.method == "relp-edges" and curve.meta["selection"] == "edges"
 
 

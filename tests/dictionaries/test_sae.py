@@ -79,7 +79,7 @@ def test_save_writes_the_saelens_6_layout_and_loads_back(tmp_path, architecture)
     assert (back.site, back.layer, back.architecture, back.k) == ("mlp_out", 2, architecture, sae.k)
     for name in ("W_enc", "b_enc", "W_dec", "b_dec", "threshold"):
         a, b = getattr(sae, name), getattr(back, name)
-        assert (a is None) == (b is None) and (a is None or torch.equal(a, b))
+        assert (a is None) == (b is None) and (a is None or torch.equal(a, b))  # saved and loaded: a copy
 
 
 def test_the_older_cfg_layout_is_read(tmp_path):

@@ -140,7 +140,7 @@ def test_save_writes_circuit_tracers_layout_and_loads_back(tmp_path, architectur
     if skip:
         want["W_skip"] = (32, 32)
     assert {k: tuple(v.shape) for k, v in raw.items()} == want  # circuit-tracer's names and orientation
-    torch.testing.assert_close(raw["W_enc"], tcs[1].W_enc.T, rtol=0, atol=0)
+    torch.testing.assert_close(raw["W_enc"], tcs[1].W_enc.T, rtol=0, atol=0)  # saved weights: a copy, exact
     if skip:
         torch.testing.assert_close(raw["W_skip"], tcs[1].W_skip.T, rtol=0, atol=0)  # it applies x @ W_skip.T
 
@@ -154,6 +154,7 @@ def test_save_writes_circuit_tracers_layout_and_loads_back(tmp_path, architectur
         for name in ("W_enc", "b_enc", "W_dec", "b_dec", "threshold", "W_skip"):
             a, b = getattr(tc, name), getattr(got, name)
             assert (a is None) == (b is None) and (a is None or torch.equal(a, b)), name
+        # the same weights (a copy) through the same kernels on the same shapes: exact
         assert torch.equal(got.encode(x), tc.encode(x)) and (got.encode(x) != 0).any()
         assert torch.equal(got.reconstruct(x), tc.reconstruct(x))
 
@@ -258,6 +259,7 @@ def test_gemma_scope_2_tensor_names_and_a_listed_set(tmp_path):
         "transcoders": ["layer_0_width_24/params.safetensors"]}))  # fmt: skip
     got = load_transcoders(tmp_path)[0]
     x = torch.randn(5, 16, generator=torch.Generator().manual_seed(4))
+    # the same weights (a copy) through the same kernels on the same shapes: exact
     assert got.architecture == "jumprelu" and torch.equal(got.reconstruct(x), tc.reconstruct(x))
 
 
@@ -283,7 +285,7 @@ def test_splicing_keeps_the_logits_on_every_family(tmp_path, family, skip):
     torch.testing.assert_close(z[..., :64], latents, atol=1e-6, rtol=0)
     torch.testing.assert_close(z[..., 64:], y - tc.decode(latents, u), atol=1e-6, rtol=0)
     assert (latents != 0).any() and z[..., 64:].abs().max() > 1e-2  # a random transcoder leaves a real error
-    torch.testing.assert_close(model.logits(batch), want, rtol=0, atol=0)  # the hooks are gone
+    torch.testing.assert_close(model.logits(batch), want, rtol=0, atol=0)  # the hooks are gone: exact
 
 
 def test_splicing_a_bfloat16_model_keeps_its_logits_bit_for_bit(tmp_path):
@@ -293,6 +295,7 @@ def test_splicing_a_bfloat16_model_keeps_its_logits_bit_for_bit(tmp_path):
     batch = model.tokenize(["the keys to the cabinet", "the dog near the table is"])
     acts = capture(model, batch, sites=[site], layers=[0, 2])
     assert acts[(site, 0)].dtype == torch.bfloat16
+    # exact by construction: an unchanged splice returns y + (s - s) = y, its own output (sites._hook_transcoder)
     assert torch.equal(acts.logits, model.logits(batch))
 
 

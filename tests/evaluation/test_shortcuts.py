@@ -202,10 +202,10 @@ def test_a_mask_evaluated_before_is_not_run_again():
     start = ev.forwards
     a, b, model_values = ev.metric_values_many([small, small.clone(), None], seen=seen)
     assert ev.forwards - start == 2 * len(ev.batches)
-    torch.testing.assert_close(a, b, rtol=0, atol=0)
+    torch.testing.assert_close(a, b, rtol=0, atol=0)  # exact: b is a's values, copied from the memo
     again, full = ev.metric_values_many([small, torch.ones_like(small)], seen=seen)
     assert ev.forwards - start == 2 * len(ev.batches)  # nothing new ran
-    torch.testing.assert_close(again, a, rtol=0, atol=0)
+    torch.testing.assert_close(again, a, rtol=0, atol=0)  # copies from the memo: exact
     torch.testing.assert_close(full, model_values, rtol=0, atol=0)
     other = ev.metric_values_many([scores > 0.5], seen=seen)[0]
     assert ev.forwards - start == 3 * len(ev.batches)

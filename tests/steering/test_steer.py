@@ -63,7 +63,7 @@ def test_scale_one_and_add_zero_change_nothing(family):
             generate=5,
         )
         before, after = _all_logits(result)
-        assert torch.equal(before, after)
+        assert torch.equal(before, after)  # the same forward, and x * 1.0, x + 0.0 are x: exact
         assert result.kl_divergence == 0.0
         assert all(c.prob_change == 0 and c.logit_change == 0 for c in result.answers)
         assert result.generated_ids_before == result.generated_ids_after
@@ -229,6 +229,7 @@ def test_patch_during_generation_patches_prompt_positions_only(llama):
     src = capture(llama, source).get(1)[0]
     with _Recorder(llama, 1) as rec:
         greedy_generate(llama, batch, max_new_tokens=4, edits=edits)
+    # exact: a copy of the source's activations, captured by the same forward of the source (same shapes)
     torch.testing.assert_close(rec.calls[0][:, [3, 5]], src[:, [3, 5]], rtol=0, atol=0)
     clean = capture(llama, batch).get(1)[0]
     assert not torch.equal(rec.calls[0][:, 4], src[:, 4])  # other neurons keep their own values

@@ -28,9 +28,11 @@ work that gives the same metric up to rounding (:mod:`.shortcuts`: the test prom
 once, MLPs where a pass keeps few neurons run on those only, two logits per prompt); circuits that keep few
 neurons share passes. With the shortcuts (the default) curves agree to rounding whatever the number of circuits
 per pass (``benchmarks/bench_sweep.py``: largest difference 2.5e-5 of any curve number, the same exact sizes).
-Without them (``prepare_eval(shortcuts=False)``, ``evaluate --full-passes``) the numbers are the same bit for
-bit where a backend computes every row of a batch independently of the batch size (a CPU with one thread); with
-several threads or on a GPU, kernels chosen by shape may differ in the last bits (2 CPU threads: 2.1e-5).
+Without them (``prepare_eval(shortcuts=False)``, ``evaluate --full-passes``) the curves' sizes, brackets and
+search accounting are the same whatever the number of circuits per pass, and their numbers agree to float32
+rounding: matrix products of other batch shapes may pick other kernels and round differently, on one CPU thread
+too (measured on an AVX-512 CPU: up to 0.2 of the tolerance derived in ``tests/rounding.py``; 2 threads on the
+default model: 2.1e-5).
 
 Ablation values are computed once per test set (:class:`EvalSet`). Test prompts may have several token
 lengths: batches then hold one length each, and the mean-ablation value of a position is the counterfactual
@@ -493,8 +495,8 @@ def prepare_eval(
     """Tokenise test pairs, and compute the ablation values once.
 
     ``shortcuts``: skip the work of a pass that gives the same metric up to rounding (:mod:`.shortcuts`);
-    ``False`` runs every pass in full (curves then do not depend on how circuits share passes, bit for bit on
-    a backend that computes every row independently of the batch size).
+    ``False`` runs every pass in full (curves then do not depend on how circuits share passes, up to the
+    rounding of matrix products of other batch shapes).
 
     ``slot_maps`` (the slot of every token of each pair, :func:`neurontrace.tasks.slots.slot_map`) makes
     per-position masks range over slots instead of tokens, for prompts of several token lengths; mean-ablation
