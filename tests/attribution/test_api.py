@@ -102,12 +102,20 @@ def test_dataset_file_and_resume_after_interruption(model, tmp_path, monkeypatch
     assert resumed.meta["tokens"] == full.meta["tokens"] and not checkpoint.exists()
 
 
-def test_checkpoint_of_another_run_is_ignored(model, tmp_path):
+def test_checkpoint_of_another_run_is_ignored(model, tmp_path, capsys):
+    """A complete checkpoint of an AtP run (kept: ``keep_checkpoint=True``) in the path of a RelP run of the
+    same pairs: its fingerprint differs, so the RelP run starts over instead of returning the AtP scores."""
     checkpoint = tmp_path / "run.ckpt"
-    attribute(model, pairs=PAIRS[:2], method="atp", checkpoint=checkpoint, checkpoint_every_s=0, batch_size=1)
-    other = attribute(model, pairs=PAIRS[:2], method="relp", checkpoint=checkpoint, batch_size=1)
+    first = attribute(model, pairs=PAIRS[:2], method="atp", checkpoint=checkpoint, checkpoint_every_s=0,
+                      batch_size=1, keep_checkpoint=True)  # fmt: skip
+    assert checkpoint.is_file()  # the second run meets it
     direct = attribute(model, pairs=PAIRS[:2], method="relp")
+    assert not torch.allclose(first.scores_sum, direct.scores_sum, rtol=1e-2)  # taking it over would show
+    capsys.readouterr()
+    other = attribute(model, pairs=PAIRS[:2], method="relp", checkpoint=checkpoint, batch_size=1)
+    assert "belongs to another run" in capsys.readouterr().err
     torch.testing.assert_close(other.scores_sum, direct.scores_sum)
+    assert other.meta["method"] == "relp" and not checkpoint.exists()
 
 
 def test_teacher_forced_multi_token_answer(model):

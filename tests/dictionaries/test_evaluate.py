@@ -72,7 +72,7 @@ def test_grouping_and_expanding_error_nodes():
     nodes = group_error_nodes(scores, 4)
     assert nodes.shape == (2, 3, 5)
     assert torch.equal(nodes[..., :4], scores[..., :4])
-    assert torch.equal(nodes[..., 4], scores[..., 4:].sum(-1))
+    assert torch.equal(nodes[..., 4], scores[..., 4:].sum(-1))  # the same sum of the same values: exact
     keep = torch.rand(2, 3, 5) > 0.5
     full = expand_error_nodes(keep, 4, 7)
     assert torch.equal(full[..., :4], keep[..., :4])
@@ -163,3 +163,30 @@ def test_evaluate_command_compares_neurons_with_a_dictionary(model, dictionary, 
     assert "different run" in capsys.readouterr().err
     assert main([*argv[:-1], str(tmp_path / "bad"), "--bases", "sae:/no/such/folder"]) == 2
     assert "no such dictionary folder" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("rule", ["keep", "ablate"])
+def test_an_evaluation_scales_its_grid_to_the_latents_when_error_nodes_are_not_ranked(
+    model, dictionary, tmp_path, monkeypatch, rule
+):
+    """Under keep/ablate the error nodes are out of the ranking, so the log grid's top threshold is the largest
+    |latent score|, not the (larger) error nodes' (with which every threshold would sit above most latents)."""
+    from neurontrace.evaluation import runner
+
+    seen = {}
+    real = runner.sweep
+
+    def recording(evalset, scores, **kwargs):
+        seen.update(scores=evalset.nodes_of(scores), latents=evalset.latents, thresholds=kwargs["thresholds"])
+        return real(evalset, scores, **kwargs)
+
+    monkeypatch.setattr(runner, "sweep", recording)
+    run = runner.EvaluationRun(model="tiny", data="pairs", methods=["atp"], bases=[dictionary], points=6,
+                               levels=[0.5], error_nodes=rule)  # fmt: skip
+    runner.run_evaluation(model, run, train=PAIRS[:10], test=PAIRS[10:], out=tmp_path, progress=False,
+                          log=lambda message: None)  # fmt: skip
+    nodes, latents = seen["scores"], seen["latents"]
+    top = float(nodes[..., :latents].abs().max())
+    assert float(nodes[..., latents:].abs().max()) > 2 * top  # the error nodes would set another scale
+    want = [0.0] + [top * float(x) for x in torch.logspace(-6, 0, 6)]
+    assert seen["thresholds"] == want

@@ -196,6 +196,24 @@ def test_training_lowers_the_loss_and_explains_held_out_variance(model, trained,
     )
 
 
+@pytest.mark.parametrize(("kind", "site"), [("sae", "resid"), ("transcoder", "mlp_out")])
+def test_saved_decoder_rows_have_unit_norm_after_large_steps(model, tmp_path, text_file, kind, site):
+    """A few Adam steps at a large learning rate move decoder rows far off the unit sphere unless each step
+    renormalises them; the saved weights (scales folded into the latents, not the rows) must have unit rows.
+    Tolerance: a row divided by its float32 norm has norm 1 up to ~(d/2 + 2) float32 ulps (d = 32: ~1e-6)."""
+    from neurontrace.dictionaries.transcoder import load_transcoders
+
+    cfg = config(
+        kind=kind, site=site, layers=[1], d_sae=32, tokens=1536, lr=0.05, held_out=30, buffer_tokens=512
+    )
+    result = train_dictionaries(model, tmp_path, cfg, corpus=str(text_file), checkpoint_every_s=1e9)
+    assert result.info["steps"] >= 10
+    saved = load_basis(str(tmp_path)).saes if kind == "sae" else load_transcoders(tmp_path)
+    W_dec = saved[1].W_dec
+    assert W_dec.shape == (32, model.d_model)
+    torch.testing.assert_close(W_dec.norm(dim=-1), torch.ones(32), atol=1e-5, rtol=0)
+
+
 def test_the_trained_folder_is_a_site_for_attribution(model, trained):
     from neurontrace.attribution.api import attribute
     from neurontrace.tasks.pairs import Pair

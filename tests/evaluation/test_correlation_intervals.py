@@ -35,12 +35,18 @@ def test_weighted_correlations_are_those_of_the_resampled_points():
 
 
 def test_stratified_weights_resample_each_block_within_itself():
-    w = intervals.stratified_weights([5, 12, 3], replicates=200, seed=7)
-    assert w.shape == (200, 20)
+    w = intervals.stratified_weights([5, 12, 5], replicates=200, seed=7)
+    assert w.shape == (200, 22)
     assert torch.equal(w[:, :5].sum(1), torch.full((200,), 5.0, dtype=torch.float64))
     assert torch.equal(w[:, 5:17].sum(1), torch.full((200,), 12.0, dtype=torch.float64))
-    assert torch.equal(w[:, 17:].sum(1), torch.full((200,), 3.0, dtype=torch.float64))
-    assert not torch.equal(w[:, :3], w[:, 17:])  # blocks have their own draws
+    assert torch.equal(w[:, 17:].sum(1), torch.full((200,), 5.0, dtype=torch.float64))
+    # blocks have their own draws: two blocks of one size drawn with one seed would be equal, count for count
+    assert not torch.equal(w[:, :5], w[:, 17:])
+    assert (w[:, :5] != w[:, 17:]).any(1).float().mean() > 0.9  # nearly every replicate differs
+    for block, (start, n) in enumerate([(0, 5), (5, 12), (17, 5)]):  # block i: seed + i, as documented
+        assert torch.equal(
+            w[:, start : start + n], intervals.bootstrap_weights(n, replicates=200, seed=7 + block)
+        )
 
 
 def test_paired_difference_cancels_shared_resampling_noise():

@@ -153,6 +153,23 @@ def test_node_selection_keeps_the_top_k_above_the_threshold():
     assert graph.meta["neurons_above_threshold"] == len(above)
 
 
+def test_max_nodes_ranks_each_target_position_relative_to_its_own_metric():
+    """Two target positions with metrics 10 and -0.5; one layer, two positions, three units (flat index u).
+    Scores for position 0: u0 5, u1 -4, u5 0.5; for position 1: u2 0.35, u3 0.15, u4 0.05. At p = 0.2 the
+    cuts are 2 and 0.1: u0, u1, u2 and u3 are above. Relative to their metric: u2 0.7, u0 0.5, u1 0.4, u3 0.3,
+    so the top 2 are u2 and u0 (by raw |score| they would be u0 and u1), the top 1 is u2 (raw: u0)."""
+    from neurontrace.graphs.build import GraphScores, select_neurons
+
+    by_target = torch.zeros(2, 1, 2, 3)
+    by_target[0].view(-1)[[0, 1, 5]] = torch.tensor([5.0, -4.0, 0.5])
+    by_target[1].view(-1)[[2, 3, 4]] = torch.tensor([0.35, 0.15, 0.05])
+    scores = GraphScores(None, [], [], torch.zeros(1, 2, 3), by_target, [10.0, -0.5], by_target)
+    unit = lambda u: (0, u // 3, u % 3)  # noqa: E731  (layer index, position, unit) of flat index u
+    assert select_neurons(scores, node_threshold=0.2, max_nodes=None) == ([unit(u) for u in (0, 1, 2, 3)], 4)
+    assert select_neurons(scores, node_threshold=0.2, max_nodes=2) == (sorted([unit(2), unit(0)]), 4)
+    assert select_neurons(scores, node_threshold=0.2, max_nodes=1) == ([unit(2)], 4)
+
+
 def test_relp_node_selection_uses_the_zero_baseline_relp_scores():
     """Default rules: the selection equals the one from ``attribute(method="relp")`` of the same metric."""
     model = _model(-30.0)
