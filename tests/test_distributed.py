@@ -6,8 +6,10 @@ a folder and on the default model; the one-process reference runs in this proces
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -24,7 +26,9 @@ from neurontrace.models.loading import load_model
 from neurontrace.tasks import Pair, save_pairs
 
 WORKER = Path(__file__).resolve().parent / "distributed_worker.py"
+KILL_ONE = WORKER.with_name("distributed_kill_one.py")
 ATOL = 1e-5
+U = 2.0**-24  # float32 unit roundoff
 NOUNS = [("dog", "dogs"), ("key", "keys"), ("table", "tables"), ("cabinet", "cabinets")]
 TINY_PAIRS = [
     Pair(f"the {sg} near the {o}", f"the {pl} near the {o}", " is", " are")
@@ -38,10 +42,13 @@ TINY_PAIRS = [
 
 
 def torchrun(
-    *args: str, nproc: int = 2, timeout: float = 240, ok: bool = True
+    *args: str, nproc: int = 2, timeout: float = 240, ok: bool = True, env: dict[str, str] | None = None
 ) -> subprocess.CompletedProcess:
-    """Run ``args`` (a script or ``-m module`` and its arguments) in ``nproc`` processes; must succeed if ``ok``."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error"}
+    """Run ``args`` (a script or ``-m module`` and its arguments) in ``nproc`` processes; must succeed if ``ok``.
+
+    Options of torchrun itself may come first in ``args``; ``env`` adds environment variables."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error",
+           **(env or {})}  # fmt: skip
     for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(name, None)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *args]
@@ -73,6 +80,70 @@ def same_result(got: AttributionResult, ref: AttributionResult) -> None:
         close(getattr(got, name), getattr(ref, name), name)
     close(got.scores, ref.scores, "scores")
     assert got.meta["tokens"] == ref.meta["tokens"] and got.meta["prompts"] == ref.meta["prompts"]
+
+
+@contextlib.contextmanager
+def one_thread():
+    """One intra-op thread in this process, as in the torchrun processes (``OMP_NUM_THREADS=1``), so that both
+    run the same kernels, with the same splits of their reductions, on the same shapes."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def rounding_bound(values: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """The largest difference float32 rounding allows between ``a`` and ``b``, two means over the first dimension
+    of the same float32 ``values`` ``[N, ...]`` summed in different orders.
+
+    Any order of summing N floats (batch after batch in one process; per process, then over the processes) errs
+    by at most gamma_{N-1} * sum|x_i|, gamma_k = k u / (1 - k u) (Higham, Accuracy and Stability of Numerical
+    Algorithms, section 4.2), so two orders differ by twice that; the division by N rounds each mean once more,
+    by at most u / (1 - u) of it.
+    """
+    n = values.shape[0]
+    gamma = (n - 1) * U / (1 - (n - 1) * U)
+    return 2 * gamma * values.abs().sum(0) / n + U / (1 - U) * (a.abs() + b.abs())
+
+
+def same_to_rounding(got: AttributionResult, ref: AttributionResult, acts: torch.Tensor) -> dict[str, float]:
+    """``got`` (two processes) holds ``ref``'s (one process) per-example values exactly and its means to float32
+    rounding; ``acts`` ``[N, L, T, d]`` are the examples' activations (for the bound on ``acts_mean``).
+
+    Exactly: with shares that start at a batch boundary, every example is computed in the same batch by the same
+    kernels on the same shapes, and the per-example rows are only gathered. Only the order in which the
+    per-position sums add the examples differs (see :func:`rounding_bound`). Returns the largest absolute and
+    relative (to the largest |mean|) differences of the means.
+    """
+    assert got.n_examples == ref.n_examples and got.meta["tokens"] == ref.meta["tokens"]
+    for name in ("scores_sum", "scores", "metric_clean", "metric_patch", "acts_sum_mean"):
+        a, b = getattr(got, name), getattr(ref, name)
+        assert a is not None and torch.equal(a, b), name
+    measured = {}
+    for name, values in (("mean_scores", ref.scores), ("acts_mean", acts)):
+        a, b = getattr(got, name), getattr(ref, name)
+        diff, bound = (a - b).abs(), rounding_bound(values, a, b)
+        worst = int((diff - bound).flatten().argmax())
+        assert bool((diff <= bound).all()), (
+            f"{name}: difference {float(diff.flatten()[worst]):.3e} > bound {float(bound.flatten()[worst]):.3e}"
+        )
+        measured[name] = float(diff.max())
+        measured[f"{name} relative"] = float(diff.max() / b.abs().max())
+    return measured
+
+
+def example_acts(model, pairs: list[Pair]) -> torch.Tensor:
+    """Each pair's clean activations ``[N, L, T, d]`` (one pair a run: its ``acts_mean``).
+
+    Computed in batches of one, they may differ from those of a batched run in the last bits, which changes the
+    sums of their magnitudes in :func:`rounding_bound` by a relative ~1e-7: far below what the bound can afford.
+    """
+    from neurontrace.attribution.api import attribute
+
+    with one_thread():
+        return torch.stack([attribute(model, pairs=[p], method="relp").acts_mean for p in pairs])
 
 
 def same_curves(got: dict, ref: dict) -> None:
@@ -164,10 +235,13 @@ def test_two_processes_default_model(default_model, tmp_path):
     )
 
 
-def test_cli_attribute_writes_one_result(tiny_folder, tmp_path):
+def test_cli_attribute_writes_one_result_with_the_means_of_one_process(tiny_folder, tmp_path):
+    """Two processes write one result, printed once, that holds one process's per-example values exactly and
+    its means to float32 rounding (:func:`same_to_rounding`; 24 examples, shares of 12 in batches of 3)."""
     from neurontrace.cli import main
 
-    save_pairs(tmp_path / "train.jsonl", TINY_PAIRS)
+    pairs = TINY_PAIRS * 2
+    save_pairs(tmp_path / "train.jsonl", pairs)
     common = [
         "--model",
         tiny_folder,
@@ -176,9 +250,10 @@ def test_cli_attribute_writes_one_result(tiny_folder, tmp_path):
         "--dataset",
         str(tmp_path / "train.jsonl"),
         "--batch-size",
-        "2",
+        "3",
     ]
-    assert main(["attribute", *common, "--out", str(tmp_path / "one.safetensors")]) == 0
+    with one_thread():
+        assert main(["attribute", *common, "--out", str(tmp_path / "one.safetensors")]) == 0
     (tmp_path / "two").mkdir()
     proc = torchrun(
         "-m", "neurontrace.cli", "attribute", *common, "--out", str(tmp_path / "two" / "result.safetensors")
@@ -187,10 +262,10 @@ def test_cli_attribute_writes_one_result(tiny_folder, tmp_path):
     assert (
         proc.stdout.count("wrote ") == 1 and proc.stdout.count("Top neurons") == 1
     )  # printed by rank 0 only
-    same_result(
-        AttributionResult.load(tmp_path / "two" / "result.safetensors"),
-        AttributionResult.load(tmp_path / "one.safetensors"),
-    )
+    two, one = (AttributionResult.load(tmp_path / f) for f in ("two/result.safetensors", "one.safetensors"))
+    same_result(two, one)
+    measured = same_to_rounding(two, one, example_acts(load_model(tiny_folder, device="cpu"), pairs))
+    print(f"two processes vs one, largest differences of the means: {measured}")
 
 
 RUN_COMMANDS = """
@@ -232,7 +307,7 @@ def test_cli_evaluate_and_graphs(tiny_folder, tmp_path):
 
 def test_a_user_error_on_one_process_stops_every_process_within_seconds(tiny_folder, tmp_path):
     """Process 1's graph file is blocked by a folder, a user error only it meets: it stops before any compute and
-    torchrun stops the other, long before gloo's 30-minute timeout; one line, no traceback of ours."""
+    torchrun stops the other, long before gloo's 30-minute timeout; one line each, no traceback of ours."""
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("the keys to the cabinet\nthe dogs near the table\n")
     out = tmp_path / "out"
@@ -242,8 +317,10 @@ def test_a_user_error_on_one_process_stops_every_process_within_seconds(tiny_fol
                     "--slug", "g", "--out", str(out), timeout=120, ok=False)  # fmt: skip
     assert proc.returncode != 0 and time.monotonic() - start < 60
     err = proc.stderr
-    assert err.count("neurontrace: error: ") == 1, err[-3000:]
+    assert err.count("neurontrace: error: ") == 2, err[-3000:]  # process 1's error and process 0's line
     assert f"{out / 'g-001.json'} is a folder" in err
+    assert re.search(r"neurontrace: error: process 0 of 2: (another process of this run stopped|stopped by the "
+                     r"launcher \(SIGTERM\))", err), err[-3000:]  # fmt: skip
     assert "[rank0]: Traceback" not in err and "[rank1]: Traceback" not in err  # torchrun's own report aside
 
 
@@ -254,5 +331,62 @@ def test_a_process_waiting_for_one_that_failed_stops_with_one_line():
     assert proc.returncode != 0 and time.monotonic() - start < 60
     err = proc.stderr
     assert "neurontrace: error: a user error that only process 1 meets" in err
-    assert "neurontrace: error: process 0: another process of this run stopped" in err, err[-3000:]
+    # its collective meets the closed connection, or (if the launcher is quicker) the launcher's SIGTERM stops it
+    assert re.search(r"neurontrace: error: process 0 of 2: (another process of this run stopped|stopped by the "
+                     r"launcher \(SIGTERM\))", err), err[-3000:]  # fmt: skip
+    assert err.count("neurontrace: error: ") == 2
     assert "[rank0]: Traceback" not in err and "[rank1]: Traceback" not in err
+
+
+@pytest.mark.parametrize("where", ["collective", "loop"])
+def test_a_process_killed_with_sigkill_leaves_one_line_on_the_other(tiny_folder, tmp_path, where):
+    """Process 1 of a dataset attribution is killed with SIGKILL at its second batch (distributed_kill_one.py).
+    Process 0 prints one line of ours and exits with the documented code, whether its collective meets the dead
+    peer first (3) or the launcher's SIGTERM comes first (143). The one traceback left is torchrun's own report
+    (ChildFailedError, in the launcher process); none comes from our processes. Rerunning the same command, as
+    the line says, resumes from the checkpoints to the result of one process."""
+    from neurontrace.cli import main
+
+    save_pairs(tmp_path / "train.jsonl", TINY_PAIRS)
+    out = tmp_path / "out" / "result.safetensors"
+    out.parent.mkdir()
+    args = ["attribute", "--model", tiny_folder, "--device", "cpu", "--dataset", str(tmp_path / "train.jsonl"),
+            "--batch-size", "2", "--out", str(out)]  # fmt: skip
+    # torchrun polls its processes every 0.1 s by default; every 5 s lets process 0 reach its collective first
+    monitor = {"collective": "5", "loop": "0.1"}[where]
+    start = time.monotonic()
+    proc = torchrun(f"--monitor-interval={monitor}", str(KILL_ONE), where, str(tmp_path / "dying"), *args,
+                    ok=False, timeout=120, env={"NEURONTRACE_CHECKPOINT_SECONDS": "0"})  # fmt: skip
+    assert time.monotonic() - start < 60  # not the launcher's 30 s wait before it SIGKILLs a process
+    err = proc.stderr
+    assert proc.returncode != 0 and err.count("neurontrace: error: ") == 1, err[-3000:]
+    line = err.split("neurontrace: error: ")[1].splitlines()[0]
+    reason = {"collective": "another process of this run stopped (killed or crashed",
+              "loop": "stopped by the launcher (SIGTERM)"}[where]  # fmt: skip
+    assert line.startswith(f"process 0 of 2: {reason}"), line
+    assert line.endswith(
+        "; rerun the same command, with the same number of processes, to resume from the checkpoint"
+    )
+    # the launcher's report: process 1 died of SIGKILL, process 0 exited with our code (not killed by a signal)
+    assert re.search(r"exitcode\s*: -9 \(pid: \d+\)\s*\(SIGKILL\)", err), err[-3000:]
+    code = {"collective": 3, "loop": 143}[where]
+    assert re.search(rf"exitcode\s*: {code} \(pid: \d+\)\s*\n", err), err[-3000:]
+    # one traceback, the launcher's, after our line: every frame is torch's or runpy's, none of our processes'
+    # (an uncaught exception in a process would print "[rank0]: Traceback ...")
+    assert (
+        err.count("Traceback (most recent call last)") == 1 and "[rank0]" not in err and "[rank1]" not in err
+    )
+    launcher = err[err.index("Traceback (most recent call last)") :].split("ChildFailedError:")[0]
+    assert err.index("neurontrace: error: ") < err.index("Traceback (most recent call last)")
+    frames = re.findall(r'File "([^"]+)"', launcher)
+    assert frames and all(f == "<frozen runpy>" or "/torch/" in f.replace("\\", "/") for f in frames), frames
+    names = sorted(p.name for p in out.parent.iterdir())
+    assert names == [f"{out.name}.partial.rank{r}-of-2" for r in (0, 1)], names
+    if where == "loop":  # the advice holds: the same command resumes, to one process's result
+        torchrun("-m", "neurontrace.cli", *args)
+        assert [p.name for p in out.parent.iterdir()] == [out.name]
+        with one_thread():
+            assert main([*args[:-1], str(tmp_path / "one.safetensors")]) == 0
+        model = load_model(tiny_folder, device="cpu")
+        two, one = (AttributionResult.load(p) for p in (out, tmp_path / "one.safetensors"))
+        same_to_rounding(two, one, example_acts(model, TINY_PAIRS))

@@ -232,6 +232,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return EXIT_USAGE
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    from neurontrace.distributed import stop_on_sigterm
+
+    stop_on_sigterm()  # under torchrun: stopped by the launcher, print one line of ours
     code = _run(args)
     if code and _world_size() > 1:
         # under torchrun: leave now, skipping exit handlers that could wait on the other processes; they see the
@@ -249,7 +252,7 @@ def _world_size() -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from neurontrace.distributed import is_main
+    from neurontrace.distributed import PeerStopped, is_main, stopping
     from neurontrace.errors import NeurontraceError
 
     try:
@@ -276,25 +279,16 @@ def _run(args: argparse.Namespace) -> int:
         )
         return EXIT_ENVIRONMENT
     except KeyboardInterrupt:
+        stopping()
         print("neurontrace: interrupted", file=sys.stderr)
         return 130
-    except RuntimeError as exc:
-        if _world_size() > 1 and _peer_stopped(exc) and not os.environ.get("NEURONTRACE_DEBUG"):
-            rank = os.environ.get("RANK", "?")
-            print(f"neurontrace: error: process {rank}: another process of this run stopped (its error is above); "
-                  "stopping too", file=sys.stderr)  # fmt: skip
-            return EXIT_ENVIRONMENT
-        raise
+    except PeerStopped as exc:  # under torchrun: a collective found another process gone
+        if os.environ.get("NEURONTRACE_DEBUG"):
+            raise
+        stopping()  # the launcher's SIGTERM, which may come any moment now, adds no second line
+        print(f"neurontrace: error: {exc}", file=sys.stderr)
+        return EXIT_ENVIRONMENT
     return 0
-
-
-def _peer_stopped(exc: RuntimeError) -> bool:
-    """Whether ``exc`` is a collective failing because another process of the run has gone."""
-    import torch.distributed as dist
-
-    kinds = tuple(k for k in (getattr(dist, "DistError", None),) if k is not None)
-    text = str(exc)
-    return isinstance(exc, kinds) or "Connection closed by peer" in text or "Connection reset by peer" in text
 
 
 if __name__ == "__main__":  # pragma: no cover

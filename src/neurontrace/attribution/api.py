@@ -391,6 +391,7 @@ def attribute(
     mine = examples[share.start : share.stop]
     if checkpoint is not None:
         checkpoint = process_checkpoint(checkpoint, split=split)
+        distributed.note_resumable(checkpoint)  # named if another process of the run stops
     # the random control's draws depend on the batches: its checkpoints resume only with the same batch size
     fingerprint = _fingerprint(
         model, mine, {**config, "batch_size": batch_size if method == "random" else None}
@@ -432,6 +433,7 @@ def attribute(
             token_strings(model, clean.ids(row)) if model.tokenizer else [] for row in range(clean.size)
         ]
         state.add(scores, acts, clean, out)
+        out = scores = acts = mask = None  # freed before the next batch's backward (neurontrace.memory counts so)
         if bar is not None:
             bar.update(len(chunk))
         if checkpoint is not None and time.monotonic() - last_save > checkpoint_every_s:

@@ -223,10 +223,18 @@ def run_evaluation(
     out = Path(out)
     (out / "attributions").mkdir(parents=True, exist_ok=True)
     (out / "curves").mkdir(exist_ok=True)
+    for saved in ("attributions", "curves"):  # what a rerun resumes from, named if another process stops
+        distributed.note_resumable(out / saved)
     config_path = out / "config.json"
     config = run.to_dict()
     if config_path.is_file():
-        previous = json.loads(config_path.read_text())
+        try:
+            previous = json.loads(config_path.read_text(encoding="utf-8"))
+        except (ValueError, RecursionError):
+            raise NeurontraceError(
+                f"{config_path} is damaged (not JSON), so the run there cannot be resumed; pass --fresh to start "
+                "over, or choose another --out"
+            ) from None
         if previous != config:
             raise NeurontraceError(
                 f"{out} holds the results of a different run; choose another --out, or pass --fresh to replace it"
@@ -498,5 +506,10 @@ def _resumed_curve(curve_path: Path, key: str, log) -> Curve | None:
     """The curve a previous run finished and saved at ``curve_path``, or None."""
     if not curve_path.is_file():
         return None
+    try:
+        curve = Curve.from_dict(json.loads(curve_path.read_text(encoding="utf-8")))
+    except (ValueError, KeyError, TypeError, RecursionError):  # cut short or edited: not a curve of this run
+        log(f"  {key}: {curve_path} is damaged (not a whole curve); computing that curve again")
+        return None
     log(f"  {key}: done already (resumed)")
-    return Curve.from_dict(json.loads(curve_path.read_text()))
+    return curve
