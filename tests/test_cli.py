@@ -210,3 +210,55 @@ def test_graph_contexts_reach_the_viewer_data(folder, capsys, tmp_path):
     want = next(iter(direct.values())).contexts
     assert [c["activation"] for c in node["top_contexts"]] == pytest.approx([c.activation for c in want])
     assert [c["token"] for c in node["top_contexts"]] == [c.token for c in want]
+
+
+def _one_error(err: str) -> str:
+    lines = [line for line in err.splitlines() if line.startswith("neurontrace: error: ")]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
+
+
+BLOCK = '<script type="application/json" id="graph-data">'  # a viewer page's graph block
+
+
+def _graph_json(q_params: dict) -> str:
+    return json.dumps({"metadata": {}, "qParams": q_params, "nodes": [], "links": []})
+
+
+@pytest.mark.parametrize(
+    ("name", "text", "message"),
+    [
+        ("deep.json", "[" * 200_000 + "]" * 200_000, "nested too deeply"),
+        ("deep.html", f"{BLOCK}{'[' * 200_000 + ']' * 200_000}</script>", "nested too deeply"),
+        ("cut.html", f'{BLOCK}{{"nodes": [</script>', "not JSON"),
+        ("supernodes.json", _graph_json({"supernodes": '[["x",{"y":1}],"str",3]'}), "qParams.supernodes[0]"),
+        ("letters.json", _graph_json({"supernodes": '["str"]'}), "qParams.supernodes[0]"),  # not s, t, r
+        ("number.json", _graph_json({"supernodes": "3"}), "qParams.supernodes must be a list"),
+        ("clerps.json", _graph_json({"clerps": [[1, 2]]}), "qParams.clerps[0]"),
+        ("pins.json", _graph_json({"pinnedIds": {"a": 1}}), "qParams.pinnedIds"),
+    ],
+)
+def test_view_of_a_damaged_or_odd_file_is_one_line(tmp_path, capsys, name, text, message):
+    path = tmp_path / name
+    path.write_text(text, encoding="utf-8")
+    out = tmp_path / "out"
+    assert main(["view", str(path), "--out", str(out)]) == 2
+    line = _one_error(capsys.readouterr().err)
+    assert str(path) in line and message in line, line
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("spec", ["hf:../..", "hf:owner/..", "hf:a--b/c", "hf:.x/y", "hf://../x/y"])
+def test_an_invalid_hub_id_is_one_line_before_any_lookup(monkeypatch, capsys, tmp_path, spec):
+    import huggingface_hub
+
+    from neurontrace.dictionaries.hub import parse_hub_spec, resolve_dictionary
+    from neurontrace.errors import NeurontraceError
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda *a, **k: pytest.fail("looked up"))
+    with pytest.raises(NeurontraceError, match="not a hub repo id"):
+        resolve_dictionary(spec)
+    argv = ["graph", "--model", "/no/such/model", "--prompt", "the keys", "--site", f"sae:{spec}"]
+    assert main([*argv, "--out", str(tmp_path / "g")]) == 2  # the site is named, not the model: checked first
+    assert "not a hub repo id" in _one_error(capsys.readouterr().err)
+    assert parse_hub_spec("hf:owner-1/repo.name_2/layer_0@main") == ("owner-1/repo.name_2", "layer_0", "main")

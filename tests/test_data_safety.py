@@ -141,6 +141,7 @@ def test_a_damaged_cached_conversion_is_rebuilt_and_said(tmp_path, monkeypatch, 
     again = load_model("smollm2-135m")
     assert "is damaged (model.safetensors does not match its checksum); rebuilding" in capsys.readouterr().err
     got = again.logits(again.tokenize("The keys to the cabinet"))[0, -1]
+    # exact: the rebuilt weights are the same bytes, run through the same kernels on the same shapes
     assert torch.isfinite(got).all() and torch.equal(got, want)
 
 
@@ -209,6 +210,7 @@ def test_the_random_control_resumes_identically(model, tmp_path, monkeypatch):
     checkpoint = tmp_path / "run.partial"
     _interrupted(model, data, checkpoint, monkeypatch, method="random", seed=5)
     resumed = attribute(model, dataset=data, batch_size=1, method="random", seed=5, checkpoint=checkpoint)
+    # exact: seeded random draws, each example's sum computed alone in one batch of one (same kernels, shapes)
     assert torch.equal(resumed.scores_sum, full.scores_sum)
 
 
@@ -336,3 +338,106 @@ def test_library_users_get_the_same_errors(model):
         attribute(model, prompt="the keys", answer=" are", contrast=" are")
     with pytest.raises(ModelLoadError):
         raise ModelLoadError("x")
+
+
+# ------------------------------------------------------------------ prompts files: one line, one prompt
+def test_a_prompts_file_that_is_not_utf8_names_its_line_and_byte(folder, tmp_path, capsys):
+    path = tmp_path / "prompts.txt"
+    path.write_bytes(b"the keys\nthe caf\xe9 dog\n")
+    out = tmp_path / "out"
+    assert main(["graph", "--model", folder, "--prompts", str(path), "--out", str(out)]) == EXIT_USAGE
+    assert f"{path}:2: not UTF-8 text (byte 0xe9 at column 8)" in one_line(capsys.readouterr().err)
+    assert not out.exists()
+
+
+def test_a_prompt_holding_a_line_separator_stays_one_prompt(folder, tmp_path):
+    # str.splitlines would cut each of these lines in two (U+2028, U+2029, a form feed, U+0085)
+    prompts = [
+        "the keys\u2028to the cabinet",
+        "the dog\u2029near the table",
+        "the key\x0cis",
+        "a dog\x85runs",
+    ]
+    path = tmp_path / "prompts.txt"
+    path.write_bytes(("\r\n".join(prompts) + "\r\n\n").encode("utf-8"))  # Windows line ends, a blank line
+    out = tmp_path / "out"
+    argv = ["graph", "--model", folder, "--prompts", str(path), "--out", str(out), "--max-logits", "1"]
+    assert main(argv) == 0
+    assert [e["prompt"] for e in json.loads((out / "index.json").read_text())] == prompts
+    for i, prompt in enumerate(prompts):
+        assert json.loads((out / f"graph-{i:03d}.json").read_text())["metadata"]["prompt"] == prompt
+    assert not (out / f"graph-{len(prompts):03d}.json").exists()
+
+
+def test_jsonl_inputs_split_on_newline_only(model, tmp_path):
+    from neurontrace.commands.hypotheses import read_labelled
+    from neurontrace.dictionaries.corpus import TextCorpus
+
+    rows = [{"prompt": "the keys\u2028to", "answer": " are", "label": "plural", "text": "the keys\u2028are"},
+            {"prompt": "the key", "answer": " is", "label": "singular", "text": "the key\u2029is"}]  # fmt: skip
+    path = tmp_path / "rows.jsonl"
+    path.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in rows) + "\n", encoding="utf-8")
+    want = (["the keys\u2028to", "the key"], [" are", " is"], ["plural", "singular"])
+    assert read_labelled(path, "label") == want
+    assert list(TextCorpus(model, path, 8).documents()) == ["the keys\u2028are", "the key\u2029is"]
+
+
+# ------------------------------------------------------------------ cheap checks first, nothing made
+def test_input_mistakes_stop_before_the_model_loads_and_make_nothing(folder, tmp_path, monkeypatch, capsys):
+    import neurontrace.commands._common as common
+
+    monkeypatch.setattr(common, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    good = tmp_path / "pairs.jsonl"
+    save_pairs(good, PAIRS)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps(PAIRS[0].to_dict()) + '\n{"clean_prefix": "the keys"\n')
+    new = tmp_path / "new"
+    cases = [
+        (["attribute", "--dataset", str(bad), "--out", str(new / "a.safetensors")], f"{bad}:2:"),
+        (["graph", "--dataset", str(bad), "--out", str(new / "g")], f"{bad}:2:"),
+        (["attribute", "--prompt", "the keys", "--answer", " are", "--contrast", " is", "--center-logits",
+          "--out", str(new / "b.safetensors")], "centred logits do not change the logit-diff metric"),
+        (["attribute", "--dataset", str(good), "--center-logits", "--out", str(new / "c.safetensors")],
+         "centred logits do not change the logit-diff metric"),
+        (["attribute", "--prompt", "the keys", "--answer", " are", "--site", "sae:hf:../.."], "not a hub repo id"),
+        (["graph", "--prompt", "the keys", "--site", "sae:hf:../..", "--out", str(new / "g")], "not a hub repo id"),
+    ]  # fmt: skip
+    for argv, match in cases:
+        assert main([argv[0], "--model", folder, *argv[1:]]) == EXIT_USAGE, argv
+        assert match in one_line(capsys.readouterr().err), argv
+    assert not new.exists()  # no empty --out folder either
+
+
+def _refusing_mkstemp(*args, **kwargs):
+    raise OSError(errno.EROFS, os.strerror(errno.EROFS), os.path.join(kwargs.get("dir") or ".", ".x.tmp"))
+
+
+@pytest.mark.parametrize("command", ["attribute", "graph", "estimate"])
+def test_a_read_only_output_is_exit_3_naming_the_users_path(folder, tmp_path, monkeypatch, capsys, command):
+    import tempfile
+
+    data = tmp_path / "pairs.jsonl"
+    save_pairs(data, PAIRS)
+    out = tmp_path / "ro" / ("e.json" if command == "estimate" else "res.safetensors")
+    argv = {
+        "attribute": ["attribute", "--model", folder, "--dataset", str(data), "--out", str(out)],
+        "graph": ["graph", "--model", folder, "--prompt", "the keys", "--out", str(out.parent)],
+        "estimate": ["estimate", "--model", folder, "--prompt-len", "8", "--json", str(out)],
+    }[command]
+    monkeypatch.setattr(api, "attribute", lambda *a, **k: pytest.fail("computed"))
+    monkeypatch.setattr(tempfile, "mkstemp", _refusing_mkstemp)  # no new file, as on a read-only disk
+    assert main(argv) == EXIT_ENVIRONMENT
+    line = one_line(capsys.readouterr().err)
+    assert "Read-only file system" in line and str(out.parent) in line and ".tmp" not in line, line
+    assert not out.parent.exists()
+
+
+def test_a_refused_write_names_the_target_not_the_temporary_file(tmp_path, monkeypatch):
+    import tempfile
+
+    target = tmp_path / "estimate.json"  # what `estimate --json` and every JSON result write through
+    monkeypatch.setattr(tempfile, "mkstemp", _refusing_mkstemp)
+    with pytest.raises(OSError) as err:
+        write_text_atomic(target, "{}")
+    assert err.value.errno == errno.EROFS and err.value.filename == str(target)
+    assert not target.exists()

@@ -103,17 +103,27 @@ def test_a_full_disk_is_one_line_and_earlier_files_stay(folder, tmpfs, capsys):
     assert "No space left" in error_line(capsys.readouterr().err) and not est.exists()
 
 
-def test_a_read_only_folder_is_one_line(folder, tmpfs, capsys):
+def test_a_read_only_folder_is_one_line(folder, tmpfs, tmp_path, capsys):
     (tmpfs / "old.json").write_text("{}")
+    data = tmp_path / "pairs.jsonl"
+    save_pairs(data, PAIRS[:4])
     subprocess.run(["mount", "-o", "remount,ro", str(tmpfs)], check=True)
-    for argv in (
-        ["estimate", "--model", folder, "--prompt-len", "8", "--json", str(tmpfs / "e.json")],
-        ["tasks", "--task", "sva-simple", "--out", str(tmpfs)],
-        ["tasks", "--task", "sva-simple", "--out", str(tmpfs / "new" / "folder")],
-    ):
+    for argv, named in (
+        (["estimate", "--model", folder, "--prompt-len", "8", "--json", str(tmpfs / "e.json")], "e.json"),
+        (["tasks", "--task", "sva-simple", "--out", str(tmpfs)], ""),
+        (["tasks", "--task", "sva-simple", "--out", str(tmpfs / "new" / "folder")], ""),
+        (["attribute", "--model", folder, "--dataset", str(data), "--out", str(tmpfs / "a.safetensors")],
+         "a.safetensors"),
+        (["graph", "--model", folder, "--prompt", "the keys", "--out", str(tmpfs / "graphs")], "graphs"),
+        (["evaluate", "--model", folder, "--dataset", str(data), "--out", str(tmpfs / "eval")], "eval"),
+        (["train-sae", "--model", folder, "--out", str(tmpfs / "sae")], "sae"),
+        (["case", "addition", "--model", folder, "--out", str(tmpfs / "case")], "case"),
+        (["inspect", "--model", folder, "--prompt", "the keys", "--json", str(tmpfs / "i.json")], "i.json"),
+    ):  # fmt: skip
         assert main(argv) == EXIT_ENVIRONMENT, argv
-        assert "Read-only file system" in error_line(capsys.readouterr().err)
-    assert (tmpfs / "old.json").read_text() == "{}"
+        line = error_line(capsys.readouterr().err)
+        assert "Read-only file system" in line and named in line and ".tmp" not in line, line
+    assert snapshot(tmpfs) == {Path("old.json"): b"{}"}
 
 
 # ------------------------------------------------------------------ paths of the wrong kind
@@ -144,13 +154,28 @@ def test_paths_of_the_wrong_kind_are_user_errors(folder, tmp_path, capsys):
 
 
 # ------------------------------------------------------------------ kill -9, Ctrl-C, two writers
+# Every command of a resume test runs on one thread: the thread count changes how a CPU kernel groups its sums
+# (the tiny model's metric moves by up to 1.2e-6 between one thread and two), so an interrupted part computed on
+# one thread and the rest on the test process's default would agree with an uninterrupted run only to rounding.
+# With one thread everywhere, every example goes through the same kernels on the same shapes in each run, and a
+# resumed run continues the checkpoint's running sums (saved after whole batches) with the same batches in the
+# same order, so its result is the uninterrupted one bit for bit, on any CPU.
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
 def _cli(args: list[str], **kwargs) -> subprocess.Popen:
-    env = {**os.environ, "NEURONTRACE_CHECKPOINT_SECONDS": "0", "OMP_NUM_THREADS": "1"}
+    env = {**ENV, "NEURONTRACE_CHECKPOINT_SECONDS": "0"}
     # a user's shell starts the command with SIGINT at its default; a child inherits an *ignored* SIGINT from its
     # parent (something in the test process may have set one), so reset it before exec
     return subprocess.Popen([sys.executable, "-m", "neurontrace.cli", *args], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True,
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL), **kwargs)  # fmt: skip
+
+
+def _run(args: list[str]) -> subprocess.CompletedProcess:
+    """A whole command, to its end, with the interrupted run's thread count."""
+    command = [sys.executable, "-m", "neurontrace.cli", *args]
+    return subprocess.run(command, env=ENV, capture_output=True, text=True)
 
 
 def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 60.0) -> None:
@@ -173,8 +198,7 @@ def test_an_interrupted_dataset_run_resumes_to_the_same_result(folder, tmp_path,
     save_pairs(data, PAIRS * 12)  # 576 pairs, one a batch: long enough to interrupt (192 could end first)
     want = tmp_path / "uninterrupted.safetensors"
     args = ["attribute", "--model", folder, "--dataset", str(data), "--batch-size", "1"]
-    assert subprocess.run([sys.executable, "-m", "neurontrace.cli", *args, "--out", str(want)],
-                          capture_output=True).returncode == 0  # fmt: skip
+    assert _run([*args, "--out", str(want)]).returncode == 0
     out = tmp_path / "run.safetensors"
     proc = _cli([*args, "--out", str(out)])
     _wait_for(out.with_name(out.name + ".partial"), proc)
@@ -187,12 +211,11 @@ def test_an_interrupted_dataset_run_resumes_to_the_same_result(folder, tmp_path,
         assert proc.returncode == -signal.SIGKILL
     partial = out.with_name(out.name + ".partial")
     assert partial.is_file() and not out.exists()
-    done = subprocess.run([sys.executable, "-m", "neurontrace.cli", *args, "--out", str(out)], capture_output=True,
-                          text=True)  # fmt: skip
+    done = _run([*args, "--out", str(out)])
     assert done.returncode == 0, done.stderr
     got, expected = _tensors(out), _tensors(want)
     assert got.keys() == expected.keys()
-    for name in expected:
+    for name in expected:  # bit for bit: one thread in every run (see ENV)
         assert torch.equal(got[name], expected[name]), name
     assert not partial.exists()
 
@@ -203,16 +226,14 @@ def test_a_killed_evaluation_resumes_to_the_same_curves(folder, tmp_path):
     args = ["evaluate", "--model", folder, "--dataset", str(data), "--methods", "relp,atp", "--bases", "neurons",
             "--points", "6", "--seeds", "2"]  # fmt: skip
     want = tmp_path / "whole"
-    assert subprocess.run([sys.executable, "-m", "neurontrace.cli", *args, "--out", str(want)],
-                          capture_output=True).returncode == 0  # fmt: skip
+    assert _run([*args, "--out", str(want)]).returncode == 0
     out = tmp_path / "killed"
     proc = _cli([*args, "--out", str(out)])
     _wait_for(out / "curves" / "relp-neurons-seed0.json", proc, timeout=120)
     proc.send_signal(signal.SIGKILL)
     proc.communicate(timeout=60)
     assert not (out / "curves.json").exists()
-    done = subprocess.run([sys.executable, "-m", "neurontrace.cli", *args, "--out", str(out)], capture_output=True,
-                          text=True)  # fmt: skip
+    done = _run([*args, "--out", str(out)])
     assert done.returncode == 0, done.stderr
 
     def curves(root: Path) -> list:
@@ -221,7 +242,7 @@ def test_a_killed_evaluation_resumes_to_the_same_curves(folder, tmp_path):
             c["meta"] = {k: v for k, v in c.get("meta", {}).items() if not k.endswith("seconds")}
         return items
 
-    assert curves(out) == curves(want)
+    assert curves(out) == curves(want)  # bit for bit: one thread in every run (see ENV)
 
 
 def test_two_processes_writing_one_output_never_mix(tmp_path):

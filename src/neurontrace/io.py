@@ -7,6 +7,7 @@ every part is written in full before any is renamed into place, so a full disk l
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import tempfile
@@ -27,27 +28,82 @@ def _umask() -> int:
     return mask
 
 
+def _naming(exc: OSError, path: Path) -> OSError:
+    """``exc`` naming ``path`` instead of a temporary file (unchanged when it has no error number)."""
+    return exc if exc.errno is None else type(exc)(exc.errno, exc.strerror, str(path))
+
+
 def _write_temporary(path: Path, data: bytes) -> Path:
-    """``data`` in a temporary file next to ``path``, flushed to disk, with the usual file mode."""
+    """``data`` in a temporary file next to ``path``, flushed to disk, with the usual file mode.
+
+    An ``OSError`` names ``path`` (the user's path), not the temporary file.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as exc:
+        raise _naming(exc, path) from None
     try:
         os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+    except OSError as exc:
+        Path(tmp).unlink(missing_ok=True)
+        raise _naming(exc, path) from None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     return Path(tmp)
 
 
+# the machine refused (exit 3), as opposed to a path of the wrong kind (the user's choice, exit 2)
+REFUSALS = frozenset({errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOSPC, errno.EDQUOT})
+
+
+def _check_creatable(folder: Path, named: Path, what: str) -> None:
+    """Files can be created in ``folder`` (or in its nearest existing parent, where it is missing); errors name
+    ``named``, the user's path."""
+    from neurontrace.errors import NeurontraceError
+
+    existing = Path.cwd()  # a relative path whose every part is missing lives in the working folder
+    for candidate in (folder, *folder.parents):
+        if candidate.exists():
+            if not candidate.is_dir():
+                raise NeurontraceError(f"{what} {named}: {candidate} is a file, not a folder")
+            existing = candidate
+            break
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".neurontrace-", suffix=".probe", dir=existing)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        if exc.errno in REFUSALS:
+            raise OSError(exc.errno, exc.strerror, str(named)) from None
+        raise NeurontraceError(f"{what} {named} cannot be written: {exc.strerror or exc}") from None
+
+
+def check_folder_writable(path: str | os.PathLike, *, what: str = "the output") -> Path:
+    """Stop early (before any compute) when files cannot be created in the folder ``path``, without creating it.
+
+    ``path`` may not exist yet: its nearest existing parent must then be a folder where files can be created.
+    A file in the way is a user error (:class:`~neurontrace.errors.NeurontraceError`); a read-only folder, no
+    permission or no space is the machine refusing, an ``OSError`` naming ``path`` (the CLI's exit code 3).
+    Nothing is left behind: the probe file is removed at once and no folder is made.
+    """
+    path = Path(path)
+    _check_creatable(path, path, what)
+    return path
+
+
 def check_writable(path: str | os.PathLike, *, what: str = "the output") -> Path:
     """Stop early (before any compute) when ``path`` cannot be written as a file: say why, in one line.
 
-    A folder at ``path``, a file where a parent folder should be, or a folder where new files cannot be created
-    (read-only, no permission) are user errors. Creates the parent folders, as the writers would.
+    A folder at ``path`` or a file where a parent folder should be are user errors
+    (:class:`~neurontrace.errors.NeurontraceError`); a folder where new files cannot be created (read-only, no
+    permission) is an ``OSError`` naming ``path``, as the write itself would raise. No folder is created: a run
+    that stops before it computes leaves nothing behind.
     """
     from neurontrace.errors import NeurontraceError
 
@@ -56,18 +112,7 @@ def check_writable(path: str | os.PathLike, *, what: str = "the output") -> Path
         raise NeurontraceError(
             f"{what} {path} is a folder, where a file is to be written; choose another path"
         )
-    for parent in path.parents:
-        if parent.exists():
-            if not parent.is_dir():
-                raise NeurontraceError(f"{what} {path}: {parent} is a file, not a folder")
-            break
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".probe", dir=path.parent)
-        os.close(fd)
-        os.unlink(probe)
-    except OSError as exc:
-        raise NeurontraceError(f"{what} {path} cannot be written: {exc.strerror or exc}") from None
+    _check_creatable(path.parent, path, what)
     return path
 
 
@@ -132,3 +177,27 @@ class JsonResult:
     def save(self, path: str | os.PathLike) -> Path:
         """Write the result as JSON, atomically."""
         return write_text_atomic(path, self.to_json())
+
+
+def text_lines(path: str | os.PathLike) -> list[tuple[int, str]]:
+    """``(line number, line)`` of a UTF-8 text file, split on ``\\n`` only (a ``\\r\\n`` ending is dropped too).
+
+    ``str.splitlines`` would also split on U+2028/U+2029, form feeds and other separators, so one line of the
+    file (one prompt, one JSON object) could silently become several. A first-line byte-order mark is dropped.
+    Bytes that are not UTF-8 are a one-line :class:`~neurontrace.errors.DatasetError` naming the line and byte.
+    """
+    from neurontrace.errors import DatasetError
+
+    path = Path(path)
+    data = path.read_bytes()  # an OSError (no permission) is the machine's refusal, not the file's fault
+    lines = []
+    for number, raw in enumerate(data.split(b"\n"), start=1):
+        try:
+            line = raw.decode("utf-8-sig" if number == 1 else "utf-8")
+        except UnicodeDecodeError as exc:
+            raise DatasetError(
+                f"{path}:{number}: not UTF-8 text (byte {raw[exc.start]:#04x} at column {exc.start + 1}); "
+                "save the file as UTF-8"
+            ) from None
+        lines.append((number, line.removesuffix("\r")))
+    return lines

@@ -104,6 +104,135 @@ def test_fresh_never_deletes_a_folder_evaluate_did_not_write(folder, tmp_path, c
     assert not (run / "curves" / "stale.json").exists()
 
 
+def _one_error(err: str) -> str:
+    lines = [line for line in err.splitlines() if line.startswith("neurontrace: error: ")]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
+
+
+def _files(root) -> dict:
+    return {p.relative_to(root): p.read_bytes() for p in root.rglob("*") if p.is_file()}
+
+
+def _no_model_load(monkeypatch):
+    import neurontrace.commands.evaluate as evaluate
+
+    monkeypatch.setattr(evaluate, "model_from_args", lambda args: pytest.fail("the model was loaded"))
+
+
+def test_fresh_refuses_a_model_folder_before_the_model_loads_and_deletes_nothing(
+    folder, tmp_path, monkeypatch, capsys
+):
+    import shutil
+
+    from neurontrace.models.loading import load_model
+
+    data = tmp_path / "mixed.jsonl"
+    save_pairs(data, MIXED)
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    for name in ("config.json", "model.safetensors"):  # a Hugging Face model folder: its own config.json
+        shutil.copy(f"{folder}/{name}", model_dir / name)
+    before = _files(model_dir)
+    _no_model_load(monkeypatch)
+    base = ["evaluate", "--model", folder, "--dataset", str(data), "--methods", "relp", "--bases", "neurons"]
+    for extra in (["--fresh"], []):  # replacing it, or resuming into it: refused alike
+        assert main([*base, *extra, "--out", str(model_dir)]) == 2, extra
+        line = _one_error(capsys.readouterr().err)
+        assert "not an evaluation's" in line and str(model_dir) in line and "nothing was" in line, line
+        assert _files(model_dir) == before and sorted(p.name for p in model_dir.iterdir()) == sorted(
+            ["config.json", "model.safetensors"]
+        )
+    monkeypatch.undo()
+    shutil.copy(f"{folder}/tokenizer.json", model_dir / "tokenizer.json")
+    shutil.copy(f"{folder}/tokenizer_config.json", model_dir / "tokenizer_config.json")
+    assert load_model(str(model_dir)).n_layers == 3  # the weights are still there and load
+
+
+def test_fresh_deletes_only_what_an_evaluation_wrote_also_in_an_older_folder(folder, tmp_path, capsys):
+    from neurontrace.commands.evaluate import MARKER
+
+    data = tmp_path / "mixed.jsonl"
+    save_pairs(data, MIXED)
+    run = tmp_path / "run"
+    argv = ["evaluate", "--model", folder, "--dataset", str(data), "--methods", "relp", "--bases", "neurons",
+            "--points", "4", "--levels", "0.5", "--out", str(run)]  # fmt: skip
+    assert main(argv) == 0
+    assert (run / MARKER).is_file() and (run / "config.json").is_file()
+    (run / MARKER).unlink()  # a folder of a version that wrote no marker: known by its config.json
+    (run / "notes.md").write_text("mine")
+    (run / "curves" / "stale.json").write_text("{}")
+    capsys.readouterr()
+    assert main([*argv, "--fresh"]) == 0
+    err = capsys.readouterr().err
+    assert "kept notes.md" in err
+    assert (run / "notes.md").read_text() == "mine" and not (run / "curves" / "stale.json").exists()
+    assert (run / MARKER).is_file() and (run / "report.md").is_file()
+
+
+def test_a_damaged_curve_is_computed_again_and_a_damaged_config_is_one_line(
+    folder, tmp_path, monkeypatch, capsys
+):
+    data = tmp_path / "mixed.jsonl"
+    save_pairs(data, MIXED)
+    run = tmp_path / "run"
+    argv = ["evaluate", "--model", folder, "--dataset", str(data), "--methods", "relp", "--bases", "neurons",
+            "--points", "4", "--levels", "0.5", "--out", str(run)]  # fmt: skip
+    assert main(argv) == 0
+    curve = run / "curves" / "relp-neurons-seed0.json"
+    whole = json.loads(curve.read_text())
+    curve.write_bytes(curve.read_bytes()[:200])  # cut short, as a full disk or a copy could leave it
+    capsys.readouterr()
+    assert main(argv) == 0
+    err = capsys.readouterr().err
+    assert f"{curve} is damaged" in err and "computing that curve again" in err and "Traceback" not in err
+    again = json.loads(curve.read_text())
+    # the same saved attribution and test pairs, swept again: equal up to float32 rounding of the means
+    # (relative 1e-5 covers a different summation grouping of ~16 values, each rounded at 6e-8)
+    assert [p["n_nodes"] for p in again["points"]] == [p["n_nodes"] for p in whole["points"]]
+    for p, q in zip(again["points"], whole["points"], strict=True):
+        assert p["faithfulness"] == pytest.approx(q["faithfulness"], rel=1e-5, abs=1e-7)
+    config = run / "config.json"
+    config.write_text('{"model": ')  # a damaged config.json: the run cannot know its settings
+    before = _files(run)
+    _no_model_load(monkeypatch)
+    assert main(argv) == 2
+    line = _one_error(capsys.readouterr().err)
+    assert f"{config} is damaged" in line and "--fresh" in line
+    assert _files(run) == before
+    monkeypatch.undo()
+    assert main([*argv, "--fresh"]) == 0  # the marker says the folder is an evaluation's: --fresh starts over
+    assert json.loads(config.read_text())["methods"] == ["relp"]
+
+
+def test_out_and_inputs_are_checked_before_the_model_loads_and_nothing_is_made(
+    folder, tmp_path, monkeypatch, capsys
+):
+    data = tmp_path / "mixed.jsonl"
+    save_pairs(data, MIXED)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps(MIXED[0].to_dict()) + "\n{not json\n")
+    a_file = tmp_path / "a-file"
+    a_file.write_text("mine")
+    new = tmp_path / "new" / "out"
+    missing = str(tmp_path / "none.json")
+    _no_model_load(monkeypatch)
+    base = ["evaluate", "--model", folder, "--methods", "relp", "--bases", "neurons"]
+    cases = [
+        (["--dataset", str(data), "--out", str(a_file)], "is a file"),
+        (["--dataset", str(data), "--out", str(a_file / "sub")], "is a file"),
+        (["--dataset", str(bad), "--out", str(new)], f"{bad}:2:"),
+        (["--dataset", str(data), "--test-dataset", str(bad), "--out", str(new)], f"{bad}:2:"),
+        (["--task", "sva-bogus", "--out", str(new)], "unknown task"),
+        (["--dataset", str(data), "--methods", "relpp", "--out", str(new)], "unknown method"),
+        (["--dataset", str(data), "--blacklist", missing, "--out", str(new)], "none.json"),
+    ]
+    for extra, match in cases:
+        assert main([*base, *extra]) == 2, extra
+        assert match in _one_error(capsys.readouterr().err), extra
+    assert a_file.read_text() == "mine" and not (tmp_path / "new").exists()
+
+
 def test_pairs_with_template_slots_are_evaluated_slot_by_slot(folder, tmp_path, capsys):
     slotted = [
         Pair(

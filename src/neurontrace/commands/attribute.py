@@ -7,10 +7,13 @@ from pathlib import Path
 
 from neurontrace import distributed
 from neurontrace.attribution.api import attribute, remove_checkpoint, verify_top
+from neurontrace.attribution.metrics import check_centred
 from neurontrace.attribution.result import AttributionResult, NodeScore
 from neurontrace.commands._common import model_from_args, rules_from_args, rules_given
 from neurontrace.errors import NeurontraceError
 from neurontrace.io import check_writable
+from neurontrace.sites import check_site
+from neurontrace.tasks import load_pairs
 
 EXACT_NODE_LIMIT = 20_000
 
@@ -35,6 +38,12 @@ def run_attribute(args: argparse.Namespace) -> None:
         raise NeurontraceError("--top must be at least 1")
     if args.dataset is not None and not Path(args.dataset).is_file():
         raise NeurontraceError(f"no such dataset file: {args.dataset}")
+    check_site(args.site)  # an unknown site or a dictionary that is not there stops before the model loads
+    if args.dataset is not None:
+        load_pairs(args.dataset)  # a line that is not a pair stops before the model loads
+    if args.center_logits:  # the metric attribute() will choose, checked before the model loads
+        contrast = args.contrast is not None or args.dataset is not None
+        check_centred(args.metric or ("logit-diff" if contrast else "logit" if args.answer else "topk"))
     out = None
     if args.out or args.dataset:
         out = Path(args.out or f"results/attribution-{args.method}.safetensors")

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from neurontrace.commands._common import model_from_args
 from neurontrace.errors import NeurontraceError
+from neurontrace.io import check_folder_writable
 
 
 def _operands(text: str) -> range:
@@ -23,8 +24,9 @@ def _operands(text: str) -> range:
 def run_case(args: argparse.Namespace) -> None:
     operands = _operands(args.operands) if args.study == "addition" else None
     languages = [g.strip() for g in args.languages.split(",") if g.strip()]
-    model = model_from_args(args)
     out = Path(args.out or f"results/case-{args.study}")
+    check_folder_writable(out, what="--out")  # a file in the way or a read-only disk: before the model loads
+    model = model_from_args(args)
     start = time.perf_counter()
     if args.study == "addition":
         from neurontrace.casestudies.addition import run_addition

@@ -59,6 +59,10 @@ def run_describe(args: argparse.Namespace) -> None:
     if args.k < 1 or args.max_tokens < 1 or args.batch_size < 1:
         raise NeurontraceError("--k, --max-tokens and --batch-size must be at least 1")
     neurons = [n for spec in args.neurons for n in parse_neurons(spec)]
+    if args.json_out:
+        from neurontrace.io import check_writable
+
+        check_writable(args.json_out, what="--json")  # before the model loads
     model = model_from_args(args)
     corpus = None if args.corpus.lower() == "none" else args.corpus
     descriptions = describe_all(

@@ -14,6 +14,10 @@ def run_estimate(args: argparse.Namespace) -> None:
 
     if args.prompt_len < 1 or args.nodes < 0 or args.batch_size < 1:
         raise NeurontraceError("--prompt-len and --batch-size must be at least 1, --nodes at least 0")
+    if args.json:
+        from neurontrace.io import check_writable
+
+        check_writable(args.json, what="--json")  # a folder, a file in the way or a read-only disk: now
     model = load_model(args.model, device="meta", dtype=args.dtype, trust_remote_code=args.trust_remote_code)
     from neurontrace.models.loading import resolve_device
 

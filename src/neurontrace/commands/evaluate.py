@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import random
 import shutil
 import sys
@@ -131,20 +132,113 @@ def load_data(args: argparse.Namespace, tokenizer) -> Data:
     return Data(splits, name, nodes, kept, "; ".join(messages))
 
 
-def _clear_for_fresh(out: Path) -> None:
-    """``--fresh``: remove a results folder only when neurontrace made it (its config.json says so)."""
+MARKER = ".neurontrace-evaluation"
+"""Written by ``evaluate`` in its results folder before the run: the folder is an evaluation's, so ``--fresh``
+may clear it even when its ``config.json`` was damaged."""
+WRITTEN = ("config.json", "curves.json", "curves", "attributions", "report.md", "faithfulness.png", MARKER)
+"""What an evaluation writes in its folder: all that ``--fresh`` deletes (with their temporary files)."""
+CONFIG_KEYS = frozenset(
+    ("model", "data", "methods", "bases", "ablation", "nodes", "n_train", "n_test", "steps", "points", "seed")
+)
+"""Keys the ``config.json`` of every version has held (EvaluationRun's first fields): how a results folder is
+recognised, also one written before the marker existed. A model's config.json has none of methods/bases/ablation."""
+
+
+def _folder_state(out: Path) -> tuple[str, str]:
+    """What ``out`` holds, and why: ``new`` (nothing there, or an empty folder), ``ours`` (an evaluation's
+    results), ``damaged`` (ours, with a config.json that cannot be read), ``foreign`` (a config.json that is not
+    an evaluation's: a model folder, say) or ``other`` (files, none of them an evaluation's config)."""
     if not out.exists():
-        return
+        return "new", ""
     if not out.is_dir():
         raise NeurontraceError(f"--out {out} is a file, not a results folder; choose another --out")
-    if not (out / "config.json").is_file():
-        if any(out.iterdir()):
-            raise NeurontraceError(
-                f"--fresh: {out} is not an evaluation results folder (no config.json); nothing was deleted. "
-                "Choose an empty or new --out"
-            )
+    config, marked = out / "config.json", (out / MARKER).is_file()
+    if not config.exists():
+        if marked:
+            return "ours", "a run started here and wrote no config.json yet"
+        return ("other", "no config.json") if any(out.iterdir()) else ("new", "")
+    try:
+        settings = json.loads(config.read_text(encoding="utf-8"))
+    except (ValueError, RecursionError) as exc:  # not UTF-8, not JSON (a truncated write), absurdly nested
+        why = (f"not JSON: {exc.msg} at line {exc.lineno}" if isinstance(exc, json.JSONDecodeError)
+               else "not UTF-8 text" if isinstance(exc, UnicodeDecodeError) else "not JSON")  # fmt: skip
+        if marked:
+            return "damaged", why
+        return "foreign", (f"holds a config.json that is {why} and no evaluation marker ({MARKER}), so "
+                           "neurontrace cannot tell that it wrote this folder")  # fmt: skip
+    if isinstance(settings, dict) and settings.keys() >= CONFIG_KEYS:
+        return "ours", ""
+    return (
+        "foreign",
+        "holds a config.json that is not an evaluation's (a model folder's?): not a results folder",
+    )
+
+
+def check_out(out: Path, *, fresh: bool) -> None:
+    """Everything about ``--out`` that can be known before the model loads, in one line each, changing nothing:
+    a file in the way, a folder where files cannot be created (read-only: an ``OSError``), a folder neurontrace
+    did not write, or a config.json too damaged to resume from."""
+    from neurontrace.io import check_folder_writable
+
+    state, why = _folder_state(out)
+    check_folder_writable(out, what="--out")
+    if state == "foreign":
+        raise NeurontraceError(
+            f"--out {out} {why}; nothing was {'deleted' if fresh else 'changed'}: choose an empty or new --out"
+        )
+    if state == "other" and fresh:
+        raise NeurontraceError(
+            f"--fresh: {out} is not an evaluation results folder (no config.json); nothing was deleted. "
+            "Choose an empty or new --out"
+        )
+    if state == "damaged" and not fresh:
+        raise NeurontraceError(
+            f"{out / 'config.json'} is damaged ({why}), so the run there cannot be resumed: pass --fresh to "
+            "start over (it deletes only what the evaluation wrote), or choose another --out"
+        )
+
+
+def _clear_for_fresh(out: Path) -> None:
+    """``--fresh``: delete what an evaluation wrote in ``out`` (:data:`WRITTEN`), only when ``out`` is an
+    evaluation's folder (:data:`MARKER`, or a config.json of ours); anything else there is kept, and said."""
+    state, _ = _folder_state(out)
+    if state == "new":
         return
-    shutil.rmtree(out)
+    if state not in ("ours", "damaged"):  # check_out refused it already; checked again before deleting
+        raise NeurontraceError(f"--fresh: {out} is not an evaluation results folder; nothing was deleted")
+    kept = []
+    for entry in sorted(out.iterdir()):
+        if entry.name in WRITTEN or entry.name.startswith(tuple(f".{name}." for name in WRITTEN)):
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
+        else:
+            kept.append(entry.name)
+    if kept:
+        shown = ", ".join(kept[:5]) + (f" and {len(kept) - 5} more" if len(kept) > 5 else "")
+        print(f"[neurontrace] --fresh: kept {shown} in {out} (not written by an evaluation)", file=sys.stderr)
+
+
+def _mark(out: Path) -> None:
+    """Write :data:`MARKER` in ``out`` (made if need be): this folder holds an evaluation's results."""
+    from neurontrace import __version__
+    from neurontrace.io import write_text_atomic
+
+    if not (out / MARKER).is_file():
+        marker = {"written_by": "neurontrace evaluate", "version": __version__}
+        write_text_atomic(out / MARKER, json.dumps(marker) + "\n")
+
+
+def _check_inputs(args: argparse.Namespace) -> None:
+    """The task name and the dataset files' syntax (every line a pair), before the model loads."""
+    if (args.task is None) == (args.dataset is None):
+        raise NeurontraceError("give either --task (e.g. sva-nounpp) or --dataset FILE.jsonl")
+    if args.task is not None:
+        sva_task(args.task)
+    for path in (args.dataset, args.test_dataset):
+        if path is not None:
+            load_pairs(path)
 
 
 def run_evaluate(args: argparse.Namespace) -> None:
@@ -157,38 +251,38 @@ def run_evaluate(args: argparse.Namespace) -> None:
     except ValueError:
         raise NeurontraceError(f"--levels must be numbers such as 0.8,0.9, got {args.levels!r}") from None
     out = Path(args.out)
+    settings = dict(
+        methods=_split_list(args.methods), bases=_split_list(args.bases), ablation=args.ablation, steps=args.steps,
+        points=args.points, batch_size=args.batch_size, seed=args.seed, seeds=args.seeds, grid=args.grid,
+        levels=levels, scan_limit=args.scan_limit, error_nodes=args.error_nodes, **_attribution_settings(args),
+        select=_split_list(args.select), full_passes=args.full_passes,
+    )  # fmt: skip
+    # every argument, input file and --out is checked before the model loads (which may take minutes)
+    nodes = "summed" if args.nodes == "auto" else args.nodes  # auto is resolved from the data, after the load
+    EvaluationRun(model=args.model, data="", nodes=nodes, **settings).validate()
+    _check_inputs(args)
+    if distributed.is_main():
+        check_out(out, fresh=args.fresh)
     model = model_from_args(args)
     data = load_data(args, model.tokenizer)
     first_train, first_test = data.splits[args.seed]
     run = EvaluationRun(
         model=model.name,
         data=data.description,
-        methods=_split_list(args.methods),
-        bases=_split_list(args.bases),
-        ablation=args.ablation,
         nodes=data.nodes,
         n_train=len(first_train),
         n_test=len(first_test),
-        steps=args.steps,
-        points=args.points,
-        batch_size=args.batch_size,
-        seed=args.seed,
-        seeds=args.seeds,
-        grid=args.grid,
-        levels=levels,
-        scan_limit=args.scan_limit,
         extra={"pairs": data.kept},
-        error_nodes=args.error_nodes,
-        **_attribution_settings(args),
-        select=_split_list(args.select),
-        full_passes=args.full_passes,
+        **settings,
     )
     dictionaries = {b: dictionary_fingerprint(b) for b in run.bases if is_dictionary(b)}
     if dictionaries:
         run.extra["dictionaries"] = dictionaries  # resuming with a retrained dictionary is another run
     run.validate()
-    if args.fresh and distributed.is_main():
-        _clear_for_fresh(out)  # after every argument was checked; only a folder neurontrace wrote
+    if distributed.is_main():
+        if args.fresh:
+            _clear_for_fresh(out)  # after every argument was checked; only what an evaluation wrote
+        _mark(out)
     distributed.barrier()  # under torchrun: the others look at --out only once it is cleared
     log = lambda msg: print(msg, file=sys.stderr, flush=True) if distributed.is_main() else None  # noqa: E731
     log(f"[neurontrace] {data.message}; nodes: {data.nodes}")
@@ -343,5 +437,6 @@ def add_evaluate_parser(sub, add_model_args) -> None:
     p.add_argument(
         "--fresh",
         action="store_true",
-        help="replace the results in --out instead of resuming (only a folder an evaluation wrote is deleted)",
+        help="replace the results in --out instead of resuming: in a folder an evaluation wrote (its "
+        f"{MARKER} or config.json), only what it wrote is deleted; any other folder is refused",
     )

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from neurontrace.commands._common import model_from_args
 from neurontrace.errors import DatasetError
+from neurontrace.io import check_writable, text_lines
 
 
 def read_labelled(path: str | Path, label_key: str) -> tuple[list[str], list[str], list]:
@@ -16,7 +17,7 @@ def read_labelled(path: str | Path, label_key: str) -> tuple[list[str], list[str
     if not path.is_file():
         raise DatasetError(f"no such file: {path}")
     prompts, answers, labels = [], [], []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    for number, line in text_lines(path):  # split on "\n" only: a JSON string may hold U+2028
         if not line.strip():
             continue
         try:
@@ -37,6 +38,7 @@ def run_hypotheses(args: argparse.Namespace) -> None:
     from neurontrace.circuits.hypotheses import attribute_prompts, score_hypotheses
 
     prompts, answers, labels = read_labelled(args.data, args.label)
+    check_writable(args.out, what="--out")  # before the model loads
     model = model_from_args(args)
     result = attribute_prompts(
         model, prompts, answers, method=args.method, batch_size=args.batch_size, progress=True

@@ -7,7 +7,7 @@ import argparse
 from neurontrace.commands._common import model_from_args
 from neurontrace.errors import NeurontraceError
 from neurontrace.inspection import InspectResult, inspect_prompt
-from neurontrace.io import write_text_atomic
+from neurontrace.io import check_writable, write_text_atomic
 from neurontrace.neurons import check_neuron, parse_neurons
 
 
@@ -59,6 +59,8 @@ def run_inspect(args: argparse.Namespace) -> None:
     if args.top < 1 or args.per_layer < 1:
         raise NeurontraceError("--top and --per-layer must be at least 1")
     zero = [n for spec in args.zero for n in parse_neurons(spec)]
+    if args.json_out:
+        check_writable(args.json_out, what="--json")  # before the model loads
     model = model_from_args(args)
     for n in zero:
         check_neuron(model, n)

@@ -12,7 +12,7 @@ from dataclasses import asdict
 from typing import TYPE_CHECKING
 
 from neurontrace.errors import NeurontraceError
-from neurontrace.io import write_text_atomic
+from neurontrace.io import check_writable, write_text_atomic
 from neurontrace.neurons import parse_neurons
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -189,6 +189,8 @@ def _run_cluster(args: argparse.Namespace) -> None:
         raise NeurontraceError("give --prompt (or --graph, whose prompt is then used)")
     from neurontrace.steering.clusters import steer_cluster
 
+    if args.json_out:
+        check_writable(args.json_out, what="--json")  # before the model loads
     model = model_from_args(args)
     result = steer_cluster(
         model,
@@ -233,6 +235,8 @@ def run_steer(args: argparse.Namespace) -> None:
     check_site(args.site)
     answers = _answers(args.answers)
     values = _floats(args.sweep) if args.sweep else None
+    if args.json_out:
+        check_writable(args.json_out, what="--json")  # before the model loads
     model = model_from_args(args)
     result = steer(
         model,

@@ -68,6 +68,14 @@ def run_train_sae(args: argparse.Namespace) -> None:
     out = Path(args.out) if args.out else default_out(args.model, kind, site)
     if out.exists() and not out.is_dir():
         raise NeurontraceError(f"--out {out} is a file; training writes a folder")
+    from neurontrace.dictionaries.corpus import HF_PREFIX, SAMPLE_PREFIX
+
+    corpus = str(args.corpus)  # a missing local corpus stops before the model loads and --out is made
+    if not corpus.startswith((HF_PREFIX, SAMPLE_PREFIX)) and not Path(corpus).expanduser().exists():
+        raise NeurontraceError(f"no such corpus file or folder: {corpus}")
+    from neurontrace.io import check_folder_writable
+
+    check_folder_writable(out, what="--out")  # a read-only disk: before the model loads
     if args.dtype == "auto":
         from neurontrace.models.loading import resolve_device
 

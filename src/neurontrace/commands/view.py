@@ -11,6 +11,8 @@ import argparse
 import json
 from pathlib import Path
 
+NESTED = "its JSON is nested too deeply to read (a graph's nodes and links are a few levels deep)"
+
 
 def read_graph_file(path: str | Path) -> dict:
     """The graph JSON of a ``.json`` file or of a viewer page (``.html``), imported for the viewer."""
@@ -26,12 +28,17 @@ def read_graph_file(path: str | Path) -> dict:
     except UnicodeDecodeError:
         raise NeurontraceError(f"{path} is not UTF-8 text; give a graph .json or a viewer .html") from None
     if file.suffix.lower() in (".html", ".htm"):
-        data = graph_from_html(text)
+        try:
+            data = graph_from_html(text)
+        except NeurontraceError as exc:
+            raise NeurontraceError(f"{path}: {exc}") from None
     else:
         try:
             data = json.loads(text)
         except json.JSONDecodeError as exc:
             raise NeurontraceError(f"{path} is not JSON: {exc.msg} (line {exc.lineno})") from None
+        except RecursionError:
+            raise NeurontraceError(f"{path}: {NESTED}") from None
     try:
         return import_graph_json(data)
     except NeurontraceError as exc:

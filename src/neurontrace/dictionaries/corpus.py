@@ -173,7 +173,8 @@ class TextCorpus(_TokenStream):
                     if doc.strip():
                         yield doc.strip()
                 continue
-            for number, line in enumerate(text.splitlines(), 1):
+            # split on "\n" only (not splitlines): a JSON string may hold U+2028
+            for number, line in enumerate(text.split("\n"), 1):
                 if not line.strip():
                     continue
                 try:

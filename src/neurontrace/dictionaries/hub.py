@@ -30,7 +30,22 @@ def parse_hub_spec(spec: str) -> tuple[str, str | None, str | None]:
         raise NeurontraceError(
             f"{spec!r} is not a hub dictionary; write hf:OWNER/REPO[/SUBFOLDER][@REVISION]"
         )
+    _check_repo_id(match["repo"], spec, "hf:OWNER/REPO[/SUBFOLDER][@REVISION]")
     return match["repo"], match["sub"], match["rev"]
+
+
+def _check_repo_id(repo: str, spec: str, form: str) -> None:
+    """A one-line error when ``repo`` is no valid hub repo id (``../..``, ``a--b``...), before any lookup."""
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        validate_repo_id(repo)
+    except HFValidationError:
+        raise NeurontraceError(
+            f"{spec!r}: {repo!r} is not a hub repo id (OWNER/REPO: letters, digits, '-', '_' and '.', neither "
+            f"starting nor ending with '-' or '.', no '--' or '..'); write {form}"
+        ) from None
 
 
 def _fetch(what: str, repo: str, download):
@@ -104,6 +119,7 @@ def download_file(uri: str) -> Path:
     if parsed.scheme != "hf" or not parsed.netloc or len(parts) != 2 or not parts[1]:
         raise NeurontraceError(f"{uri!r} is not a hub file; write hf://OWNER/REPO/PATH")
     repo, filename = f"{parsed.netloc}/{parts[0]}", parts[1]
+    _check_repo_id(repo, uri, "hf://OWNER/REPO/PATH")
     revision = parse_qs(parsed.query).get("revision", [None])[0] or None
 
     def download(local_only: bool) -> str:

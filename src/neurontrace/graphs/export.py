@@ -318,10 +318,14 @@ def normalise_q_params(q: Any) -> dict[str, Any]:
     pinned = out.get("pinnedIds")
     if isinstance(pinned, str):
         pinned = [p for p in pinned.split(",") if p]
+    if pinned and (not isinstance(pinned, list) or not all(isinstance(p, str) for p in pinned)):
+        raise NeurontraceError(
+            f"qParams.pinnedIds must be node ids, a list of strings or 'a,b', not {json.dumps(pinned)[:60]}"
+        )
     out["pinnedIds"] = list(pinned or [])
-    out["supernodes"] = [list(map(str, s)) for s in (parse_json("supernodes") or [])]
+    out["supernodes"] = _string_lists(parse_json("supernodes"), "supernodes", "[name, node id, ...]")
     if "clerps" in out:
-        out["clerps"] = [list(map(str, c)) for c in (parse_json("clerps") or [])]
+        out["clerps"] = _string_lists(parse_json("clerps"), "clerps", "[node id, label]")
     if isinstance(out.get("pruningThreshold"), str):
         try:
             out["pruningThreshold"] = float(out["pruningThreshold"])
@@ -332,6 +336,21 @@ def normalise_q_params(q: Any) -> dict[str, Any]:
     for key, default in (("linkType", "both"), ("clickedId", ""), ("sg_pos", "")):
         out[key] = default if out.get(key) in (None, "null") else str(out[key])
     return out
+
+
+def _string_lists(value: Any, key: str, form: str) -> list[list[str]]:
+    """``qParams[key]`` as a list of lists of strings; anything else is a one-line error, never turned into
+    strings (``"str"`` would become ``["s", "t", "r"]``)."""
+    if not value:
+        return []
+    if not isinstance(value, list):
+        raise NeurontraceError(f"qParams.{key} must be a list of {form} lists, not {type(value).__name__}")
+    for i, entry in enumerate(value):
+        if not isinstance(entry, list) or not all(isinstance(x, str) for x in entry):
+            raise NeurontraceError(
+                f"qParams.{key}[{i}] must be a list of strings, {form}, not {json.dumps(entry)[:60]}"
+            )
+    return [list(entry) for entry in value]
 
 
 def import_graph_json(data: Any) -> dict[str, Any]:

@@ -60,6 +60,8 @@ def embed_json(graph: Any) -> str:
         raise NeurontraceError(
             f"the graph cannot be written as JSON: {e} (NaN and infinity are not JSON)"
         ) from None
+    except RecursionError:
+        raise NeurontraceError("the graph cannot be written as JSON: it is nested too deeply") from None
     return _UNSAFE.sub(lambda m: f"\\u{ord(m[0]):04x}", text)
 
 
@@ -149,10 +151,22 @@ def graph_from_html(page: str) -> dict[str, Any]:
     match = _DATA.search(page)
     if match is None:
         raise NeurontraceError("no embedded graph found: the page is not a neurontrace viewer")
-    return json.loads(match[1])
+    return _embedded_json(match[1], "graph")
+
+
+def _embedded_json(text: str, what: str) -> Any:
+    """The JSON of a page's data block; damaged or too deeply nested JSON is a one-line error."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise NeurontraceError(
+            f"the embedded {what} is not JSON: {exc.msg} (line {exc.lineno}); the page was edited or cut short"
+        ) from None
+    except RecursionError:
+        raise NeurontraceError(f"the embedded {what} is JSON nested too deeply to read") from None
 
 
 def siblings_from_html(page: str) -> list[dict[str, Any]] | None:
     """The ``siblings`` a viewer page was rendered with, or None when it has none."""
     match = _INDEX.search(page)
-    return None if match is None else json.loads(match[1])
+    return None if match is None else _embedded_json(match[1], "graph index")
