@@ -1,4 +1,5 @@
-"""Memory planning: estimates against measured peaks, and early stops when a run cannot fit."""
+"""Memory planning: estimates against the measured rise of the process's peak memory, and early stops when a run
+cannot fit."""
 
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ ids = model.tokenizer.encode(" the keys to the old cabinet near the door" * 600)
 prompt = model.tokenizer.decode(ids)
 assert len(model.tokenizer.encode(prompt)) == T
 with torch.no_grad():
-    model.forward(model.tokenize(prompt))  # warm-up: the allocator's first growth is not the run's
+    model.forward(model.tokenize("The keys to the cabinet"))  # a plain load and one tiny forward
 if what == "attribution":
     from neurontrace.attribution.api import attribute
     _, peak = measured_peak(lambda: attribute(model, prompt=prompt, answer=" are"))
@@ -49,31 +50,87 @@ def run_measurement(what: str, prompt_len: int, nodes: int = 0) -> dict:
 @pytest.mark.parametrize(
     ("what", "prompt_len", "nodes"),
     [
-        ("attribution", 64, 0),
-        ("attribution", 256, 0),
-        ("attribution", 1024, 0),
-        ("graph", 16, 200),
-        ("graph", 32, 200),
+        ("attribution", 256, 0),  # peak: the results (7 float32 copies of the neuron values)
+        ("attribution", 512, 0),
+        ("graph", 128, 100),  # peak: the edges (node selection's results, edge forward, a chunk of targets)
     ],
 )
 def test_estimate_is_within_30_percent_of_the_measured_peak(what, prompt_len, nodes):
+    """The rise of the process's peak resident memory (``measured_peak``: the same as max RSS minus that of the
+    loaded model) is within 30% of the estimate. The sizes reach 200 MB or more: below that, the free pages that
+    loading leaves in glibc's heap (about 25 MiB here) absorb the small tensors, and the rise falls short of the
+    tensors by up to that much, on any CPU (the 1,024- and 2,048-token rows are ``benchmarks/bench_memory.py``'s).
+    Measured on AMD EPYC: 0.99, 0.99 and 1.06 under each of ``ATEN_CPU_CAPABILITY`` avx512, avx2 and default."""
     r = run_measurement(what, prompt_len, nodes)
     assert r["peak"] > 0
     assert abs(r["estimate"] - r["peak"]) <= 0.3 * r["peak"], r
 
 
-def test_estimate_scales_with_length_batch_and_dtype():
+def test_runs_fix_the_allocator_while_they_run(monkeypatch):
+    """Attribution and graphs make glibc unmap freed tensors (``M_MMAP_THRESHOLD`` fixed at 64 KiB) while they run,
+    once for nested runs, and leave glibc's largest thresholds when the outermost ends (its own raising cannot
+    be restored); ``NEURONTRACE_ALLOCATOR=default`` keeps glibc's settings."""
+    import ctypes
+
+    from neurontrace.attribution.api import attribute
+    from neurontrace.graphs.build import build_graph
+
+    calls, depth_in_forward = [], []
+
+    class Libc:
+        def mallopt(self, param, value):
+            calls.append((param, value))
+            return 1
+
+    monkeypatch.setattr(ctypes, "CDLL", lambda name: Libc())
+    model = make_tiny("llama")
+    real_forward = NeuronModel.forward
+    monkeypatch.setattr(
+        NeuronModel,
+        "forward",
+        lambda self, *a, **k: depth_in_forward.append(memory._depth) or real_forward(self, *a, **k),
+    )
+    pin, release = [(-3, 64 * 2**10)], [(-3, 32 * 2**20), (-1, 64 * 2**20)]  # M_MMAP_, M_TRIM_THRESHOLD
+    attribute(model, prompt="a b c d", answer=" e")
+    assert calls == pin + release and min(depth_in_forward) == 1 and memory._depth == 0
+    calls.clear()
+    build_graph(model, "a b c d", answers=[" e"], max_nodes=5)  # node selection runs inside: pinned once
+    assert calls == pin + release and min(depth_in_forward) >= 1
+    calls.clear()
+    with pytest.raises(NeurontraceError):
+        attribute(model, prompt="a b c d", answer="not one token")
+    assert calls == pin + release and memory._depth == 0  # released on errors too
+    calls.clear()
+    monkeypatch.setenv("NEURONTRACE_ALLOCATOR", "default")
+    attribute(model, prompt="a b c d", answer=" e")
+    assert calls == []
+
+
+def test_estimate_counts_the_tensors_of_each_phase():
     model: NeuronModel = make_tiny("llama")
+    shape = memory.Shape.of(model)
+    values = 10 * shape.n_layers * shape.d_ff  # neuron values of a 10-token prompt
     one = memory.estimate(model, prompt_len=10)
     two = memory.estimate(model, prompt_len=20)
+    per_token = shape.n_layers * (4 * shape.d_ff + 2 * shape.d_model + 2 * shape.d_kv)
+    assert one.attribution["saved activations"] == 10 * per_token * 4
     assert two.attribution["saved activations"] == 2 * one.attribution["saved activations"]
-    assert one.attribution_peak < two.attribution_peak < 2 * one.attribution_peak  # the logits do not grow
-    assert memory.estimate(model, prompt_len=10, batch_size=3).attribution_peak == 3 * one.attribution_peak
-    bf16 = memory.attribution_bytes(
-        memory.Shape(**{**memory.Shape.of(model).__dict__, "itemsize": 2}), prompt_len=10
+    # float32, one prompt: sites, gradients, stacked gradients, activations, baseline, differences, scores (7 x 4
+    # bytes) while scores are formed; then scores, activations, their masked copies and 2 sums (6 x 4)
+    assert one.attribution[memory.RESULTS] == 28 * values
+    three = memory.estimate(model, prompt_len=10, batch_size=3).attribution
+    assert three[memory.RESULTS] == 3 * 28 * values and three[memory.RUNNING_SUMS] == 8 * values
+    assert (
+        memory.attribution_peak(one.attribution)
+        == one.attribution_peak
+        == max(
+            one.attribution[memory.RESULTS], sum(v for k, v in one.attribution.items() if k != memory.RESULTS)
+        )
     )
+    bf16 = memory.attribution_bytes(memory.Shape(**{**shape.__dict__, "itemsize": 2}), prompt_len=10)
     assert bf16["saved activations"] * 2 == one.attribution["saved activations"]  # model dtype halves them
-    assert bf16[memory.RESULTS] == one.attribution[memory.RESULTS]  # results stay float32
+    # bf16: 4 x 2 + 3 x 4 = 20 while scores are formed, 2 + 3 x 4 + 8 = 22 as the batch is added up
+    assert bf16[memory.RESULTS] == 22 * values
     assert (
         memory.estimate(model, prompt_len=10, nodes=50).graph_peak
         > memory.estimate(model, prompt_len=10, nodes=10).graph_peak
@@ -91,10 +148,54 @@ def test_runs_that_cannot_fit_stop_early_with_the_estimate(monkeypatch):
     monkeypatch.setattr(memory, "available_bytes", lambda device=None: 1000)
     with pytest.raises(NeurontraceError, match=r"needs about .* but only .* is free; lower"):
         attribute(tiny_model, prompt="a b c d", answer=" e")
-    with pytest.raises(NeurontraceError, match="node selection needs about"):
+    with pytest.raises(
+        NeurontraceError, match="a graph of a 4-token prompt with up to 2000 neuron nodes needs"
+    ):
         build_graph(tiny_model, "a b c d", answers=[" e"])
     monkeypatch.setenv("NEURONTRACE_NO_MEMORY_CHECK", "1")
     attribute(tiny_model, prompt="a b c d", answer=" e")  # the user may override the estimate
+
+
+def test_a_graph_too_long_for_the_memory_stops_before_any_forward(monkeypatch, tmp_path, capsys):
+    """The check comes before the forward that picks the targets: a long prompt stops at once (a 10,001-token
+    prompt once ran for 18 minutes), where a short one with the same free memory runs."""
+    from conftest import save_tiny_folder
+
+    from neurontrace.cli import main
+    from neurontrace.graphs.build import build_graph, graph_scores
+
+    model = make_tiny("llama")
+    short, long = "a b c d", " ".join(["a b c d"] * 100)
+    shape = memory.Shape.of(model)
+    free = memory.graph_peak(memory.graph_bytes(shape, prompt_len=40, nodes=10, logits=1, chunk=1))
+    monkeypatch.setattr(memory, "available_bytes", lambda device=None: free)  # room for 40 tokens
+    forwards = []
+    real_forward = NeuronModel.forward
+    monkeypatch.setattr(
+        NeuronModel, "forward", lambda self, *a, **k: forwards.append(1) or real_forward(self, *a, **k)
+    )
+    build_graph(model, short, answers=[" e"], max_nodes=10)
+    assert forwards  # the short prompt runs
+    forwards.clear()
+    with pytest.raises(
+        NeurontraceError, match=r"a graph of a 400-token prompt .* needs about .* lower the prompt"
+    ):
+        build_graph(model, long, answers=[" e"], max_nodes=10)
+    selection = memory.selection_bytes(shape, prompt_len=40)
+    monkeypatch.setattr(memory, "available_bytes", lambda device=None: selection)
+    graph_scores(model, short, answers=[" e"])
+    forwards.clear()
+    with pytest.raises(NeurontraceError, match="node selection needs about"):
+        graph_scores(model, long, answers=[" e"])  # dataset and rollout graphs select nodes this way
+    monkeypatch.setattr(memory, "available_bytes", lambda device=None: free)
+    assert forwards == []
+    folder = save_tiny_folder(tmp_path / "model")
+    rc = main(["graph", "--model", folder, "--prompt", long, "--answer", " e", "--out", str(tmp_path / "g")])
+    err = capsys.readouterr().err
+    errors = [
+        line for line in err.splitlines() if line.startswith("neurontrace: error: a graph of a 400-token")
+    ]
+    assert rc == 2 and forwards == [] and len(errors) == 1 and "Traceback" not in err, err
 
 
 def test_graph_chunks_follow_the_memory_budget(monkeypatch):

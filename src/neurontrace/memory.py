@@ -1,31 +1,44 @@
 """Memory planning: the expected peak memory of attribution and of graph edges, before a run.
 
-The estimates count the tensors a run keeps alive at its peak, from the model's shape (no weights are loaded):
+The estimates predict how much a run raises the process's peak resident memory on a CPU (what the operating
+system sees: max RSS, over that of the loaded model; on a GPU they are meant for the CUDA allocator's peak, not
+measured yet). They count the tensors a run keeps alive at its peak, from the model's shape (no weights are
+loaded), with ``s`` bytes per element of the model's dtype and per value (one neuron at one layer and position
+of one example):
 
-- **attribution** (one forward with gradients to every neuron site, one backward; RelP, AtP): per token of every
-  example and per layer, what autograd saves (the MLP's gate, up, activation, product and RelP gate factor,
-  ``5 d_ff``; attention's normed input, q, k, v and output, ``~2 d_model + 2 d_kv``), the neuron sites' gradients
-  and scores (``2 d_ff``), in the model's dtype, plus the logits of the answer positions; after the backward has
-  freed those, the float32 results (``6 d_ff`` per layer and token). The peak is the larger phase.
-- **graph edges** (one forward with cut sites, then one batched backward per chunk of ``k`` targets): the forward
-  keeps per token what the targets' backward needs: per layer attention's and the norms' saved tensors
-  (``3 d_model + 2 d_kv``), per layer holding neuron nodes (``SOURCE_LAYER_SHARE`` of the layers before the nodes
-  are known) its MLP's (``EDGE_FORWARD`` ``d_ff``), in the model's dtype; a chunk's targets lie in one layer (its largest chunk holds
-  ``LARGEST_LAYER_SHARE`` of the neuron nodes before they are known), its leaves are the node units only, so one
-  target holds ``BACKWARD_TRANSIENT`` ``[T, d_ff]`` float32 buffers whatever the number of source layers (and a
-  logit target ``VOCAB_BUFFERS`` vocabulary-sized ones). One chunk's gradients are freed before the next
-  chunk's backward. Node selection (one attribution) comes first; its sites and their gradients (model dtype),
-  and the float32 activations, scores and magnitudes, stay alive while the edges are computed; a graph also holds
-  ``GRAPH_FIXED`` bytes whatever its size, and a target ``TARGET_FIXED``.
+- **attribution** (one forward with gradients to every neuron site, one backward; RelP, AtP): the forward keeps
+  per token and layer ``SAVED_MLP`` ``d_ff``-sized tensors (the neuron site, the identity rule's ratio, the half
+  rule's two factors) and attention's and the norms' ``2 d_model + 2 d_kv`` (query and output, key and value),
+  ``s`` bytes each, plus the logits of the answer positions; the backward frees them as it goes. Then come the
+  results, at least float32: while scores are formed, the sites, their gradients (as given and promoted), the
+  stacked activations and their baseline, the differences and the scores (``4s + 12`` bytes per value of every
+  example); as a batch is added up, its scores and activations and their masked float32 copies (``12 + s``),
+  with the per-position sums of scores and activations (8 bytes per value, whatever the batch). The peak is
+  the larger phase; a dataset's batches after the first also hold those sums during their backward.
+- **graph edges** (one forward with cut sites, then one batched backward per chunk of ``k`` targets): node
+  selection (an attribution whose float32 activations, stacked first, and the sites' gradients are alive during
+  its backward) comes first; its activations, scores and their mean (float32) stay alive while the edges are
+  computed. The edge forward keeps per token, in the model's dtype, attention's and the norms' tensors in every
+  layer and the MLP's (``SAVED_MLP`` ``d_ff``) in each layer holding neuron nodes (``SOURCE_LAYER_SHARE`` of the
+  layers before the nodes are known). A chunk's targets lie in one layer (the largest chunk holds
+  ``LARGEST_LAYER_SHARE`` of the neuron nodes before they are known) and its leaves are the node units only, so
+  one target holds ``BACKWARD_TRANSIENT`` ``[T, d_ff]`` float32 buffers whatever the number of source layers
+  (and a logit target ``VOCAB_BUFFERS`` vocabulary-sized ones); one chunk's gradients are freed before the next
+  chunk's backward. A graph also holds ``GRAPH_FIXED`` bytes whatever its size, and a target ``TARGET_FIXED``.
 
-The counts were checked, and the measured constants fitted, against peaks of live memory on SmolLM2-135M
-(:func:`measured_peak`; ``benchmarks/bench_memory.py``, docs/benchmarks.md; ``tests/test_memory.py``).
-``neurontrace estimate`` prints them; attribution and graph runs call :func:`check_fits` and stop early, with
-the estimate and what to lower, when a run cannot fit.
+For the resident memory to follow the tensors, attribution and graphs fix glibc's mmap threshold while they
+run (:class:`pin_allocator`): with glibc's default, freed tensors stay in its heap, fragmented, and the same
+run's peak varied by 2x from run to run. Checked against the process's peak on SmolLM2-135M: 0.96-1.05 of it
+for attribution at 512 to 2,048 tokens and graphs at 512 and 1,024 (``benchmarks/bench_memory.py``,
+docs/benchmarks.md, "Peak memory"; ``tests/test_memory.py``); the constants marked measured come from glibc's
+count of live blocks (``mallinfo2``) at the points named. ``neurontrace estimate``
+prints them; attribution and graph runs call :func:`check_fits` and stop early, with the estimate and what to
+lower, when a run cannot fit.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from dataclasses import dataclass, field
@@ -43,15 +56,16 @@ VOCAB_BUFFERS = 6  # vocabulary-sized float32 buffers per logit target in the ba
 # the prompt (measured: about 100 KiB at 8 and 32 tokens, 128 targets)
 BACKWARD_TRANSIENT = 3.0
 TARGET_FIXED = 100 * 2**10
-# d_ff-sized tensors per token that the edge forward keeps of a layer holding neuron nodes, for its targets'
-# backward (the MLP's saved tensors and the replacement model's factors; measured: 3.8 at 512 tokens); every
-# layer keeps attention's and the norms' saved tensors (measured: 3 d_model + 2 d_kv)
-EDGE_FORWARD = 4.0
+# d_ff-sized tensors per token and layer that a forward with gradients keeps of an MLP whose neuron site is
+# live, for the backward: the site, the identity rule's ratio, the half rule's two factors (measured on
+# SmolLM2-135M: 4.05 per layer holding graph nodes, at 32 and 128 tokens); attention and the norms keep
+# 2 d_model + 2 d_kv (measured: 1.06 times that); together 5.13 [T, d_ff] float32 tensors per layer in an
+# attribution (measured at 64 and 256 tokens; counted: 5.0)
+SAVED_MLP = 4
 # share of the neuron nodes in the layer with the most (measured: 0.19 to 0.22 on graphs of 200 neuron nodes)
 LARGEST_LAYER_SHARE = 0.25
-# bytes a graph holds whatever its size: the process's first backward, bookkeeping (measured: 16 to 20 MiB
-# over the counted parts at 8 to 1,024 tokens)
-GRAPH_FIXED = 16 * 2**20
+# bytes a graph holds besides its counted parts, whatever its size (measured: 3 to 5 MiB at 32 and 128 tokens)
+GRAPH_FIXED = 4 * 2**20
 # the former full-leaf computation (every site tensor a leaf, chunks across layers; ``direct_effects`` with
 # ``_full_leaves``): [T, d_ff] buffers per target besides its gradients of every source layer (measured: 3.5)
 FULL_LEAF_TRANSIENT = 3.5
@@ -85,7 +99,14 @@ class Shape:
 
 
 RESULTS = "results (float32, after the backward)"
+RUNNING_SUMS = "running sums (datasets)"  # float32, from the second batch on
 SOURCE_LAYER_SHARE = 2 / 3  # share of layers holding graph nodes when they are not known yet (measured)
+
+
+def _saved_per_token(shape: Shape, *, mlp_layers: int) -> int:
+    """Elements per token that a forward with gradients keeps for the backward: attention's and the norms' in
+    every layer, the MLP's in ``mlp_layers`` layers (those whose neuron site is live)."""
+    return shape.n_layers * (2 * shape.d_model + 2 * shape.d_kv) + mlp_layers * SAVED_MLP * shape.d_ff
 
 
 def attribution_bytes(
@@ -93,26 +114,32 @@ def attribution_bytes(
 ) -> dict[str, int]:
     """Working memory of one attribution batch, by part (bytes); the peak is :func:`attribution_peak`."""
     s, L, T, B = shape.itemsize, shape.n_layers, prompt_len, batch_size
+    values = T * L * shape.d_ff  # neuron values of one example
     return {
-        "saved activations": B * T * L * (5 * shape.d_ff + 2 * shape.d_model + 2 * shape.d_kv) * s,
-        "neuron gradients and scores": B * T * L * 2 * shape.d_ff * s,
+        "saved activations": B * T * _saved_per_token(shape, mlp_layers=L) * s,
         "logits": B * answer_positions * 3 * shape.vocab * 4,
-        "counterfactual": B * T * L * shape.d_ff * s if paired else 0,  # the patch activations
-        RESULTS: B * T * L * 6 * shape.d_ff * 4,
+        "counterfactual": B * values * s if paired else 0,  # the patch activations
+        RUNNING_SUMS: values * 2 * 4,
+        # while scores are formed (4s + 12 per value of every example), or as the batch is added up (12 + s per
+        # value of every example, 8 for the per-position sums): see the module's docstring
+        RESULTS: values * max(B * (4 * s + 12), B * (12 + s) + 8),
     }
 
 
 def attribution_peak(parts: dict[str, int]) -> int:
-    """The backward's parts are alive together; the float32 results are made after the backward has freed them."""
-    return max(sum(v for k, v in parts.items() if k != RESULTS), parts[RESULTS] + parts["counterfactual"])
+    """The backward's parts are alive together; the results are made after the backward has freed them."""
+    backward = sum(v for k, v in parts.items() if k != RESULTS)
+    return max(backward, parts[RESULTS] + parts["counterfactual"])
 
 
 def auto_batch_size(shape: Shape, *, prompt_len: int, paired: bool = False, device: Any = None,
                     cap: int = 64, share: float = 0.25) -> int:  # fmt: skip
     """The largest attribution batch (at most ``cap``) whose estimated peak fits in ``share`` of the free memory."""
-    one = attribution_peak(attribution_bytes(shape, prompt_len=prompt_len, paired=paired))
     budget = int(available_bytes(device) * share)
-    return int(max(1, min(cap, budget // max(1, one))))
+    fits = [b for b in range(1, cap + 1)
+            if attribution_peak(attribution_bytes(shape, prompt_len=prompt_len, batch_size=b, paired=paired))
+            <= budget]  # fmt: skip
+    return max(fits, default=1)
 
 
 def edge_bytes_per_target(
@@ -138,6 +165,14 @@ def edge_bytes_per_target(
     return int(4 * (T * BACKWARD_TRANSIENT * shape.d_ff + vocab) + TARGET_FIXED)
 
 
+def selection_bytes(shape: Shape, *, prompt_len: int) -> int:
+    """Peak memory of a graph's node selection (bytes): during its backward, the forward's saved activations,
+    the float32 activations (stacked before it) and the sites' gradients, and the logits."""
+    T, s = prompt_len, shape.itemsize
+    values = T * shape.n_layers * shape.d_ff
+    return T * _saved_per_token(shape, mlp_layers=shape.n_layers) * s + values * (4 + s) + 3 * shape.vocab * 4
+
+
 def graph_bytes(
     shape: Shape,
     *,
@@ -157,19 +192,18 @@ def graph_bytes(
     cap = chunk or MAX_CHUNK
     in_layer = math.ceil(nodes * LARGEST_LAYER_SHARE) if largest_layer is None else largest_layer
     k, k_logits = min(in_layer, cap), min(logits, cap)
-    selection = attribution_bytes(shape, prompt_len=T)
+    values = T * L * shape.d_ff
     backward = max(
         k * edge_bytes_per_target(shape, prompt_len=T),
         k_logits * edge_bytes_per_target(shape, prompt_len=T, logits=True),
     )
-    kept = T * L * shape.d_ff * (2 * s + 3 * 4)
     if node_layers is None:
         node_layers = min(nodes, round(L * SOURCE_LAYER_SHARE))
-    forward = T * (L * (3 * shape.d_model + 2 * shape.d_kv) + node_layers * EDGE_FORWARD * shape.d_ff) * s
+    forward = T * _saved_per_token(shape, mlp_layers=node_layers) * s
     return {
-        "node selection (one attribution)": attribution_peak(selection),
-        "kept from node selection (sites, grads, scores)": kept,
-        "fixed (first backward, bookkeeping)": GRAPH_FIXED,
+        "node selection (one attribution)": selection_bytes(shape, prompt_len=T),
+        "kept from node selection (acts, scores, mean)": values * 3 * 4,
+        "fixed (bookkeeping)": GRAPH_FIXED,
         "edges: saved forward": int(forward),
         f"edges: batched backward ({max(k, k_logits)} targets at once)": backward,
         "adjacency": (targets + T) ** 2 * 4,
@@ -198,8 +232,56 @@ def available_bytes(device: torch.device | str | None = None) -> int:
     return 1 << 62  # unknown: do not refuse
 
 
+# during a run, glibc serves blocks from this size on from mmap, and unmaps them when freed
+MMAP_THRESHOLD = 64 * 2**10
+# after it: glibc's own largest mmap threshold, and twice it for trimming the heap (as glibc raises them)
+RELEASED_THRESHOLDS = (32 * 2**20, 64 * 2**20)
+_depth = 0
+
+
+def _mallopt(settings: dict[int, int]) -> bool:
+    if os.environ.get("NEURONTRACE_ALLOCATOR") == "default":
+        return False
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        return all([bool(libc.mallopt(param, value)) for param, value in settings.items()])
+    except (OSError, AttributeError):  # not glibc (musl, macOS): its own allocator
+        return False
+
+
+class pin_allocator(contextlib.ContextDecorator):
+    """While an attribution or a graph runs, make the C allocator hand freed tensor memory back to the system at
+    once, so that the process's resident memory follows its live tensors (what the estimates count).
+
+    glibc raises its mmap threshold each time it frees a large block (up to 32 MiB), after which tensors come
+    from its heap, whose freed holes it keeps and fragments: one 512-token attribution of SmolLM2-135M then
+    raised the process's peak by 0.9 GiB in some runs and 1.9 GiB in others, 0.63 GiB every time with the
+    threshold fixed at ``MMAP_THRESHOLD`` (estimate: 0.62 GiB; docs/benchmarks.md, "Peak memory"). The fixed
+    threshold costs a page fault per 4 KiB of each new large tensor (measured on a 2-core VM: 30-45% more time
+    for that attribution, none at 1,024 tokens, 30% for a graph of 512 tokens), so the outermost run sets
+    ``RELEASED_THRESHOLDS`` when it ends (glibc's own raising cannot be restored; an evaluation sweep after it
+    ran as fast as without). ``NEURONTRACE_ALLOCATOR=default`` keeps glibc's own settings (the estimates then
+    undercount, by up to 3x). A decorator or a ``with`` block; nested runs pin once.
+    """
+
+    def __enter__(self) -> pin_allocator:
+        global _depth
+        if _depth == 0:
+            _mallopt({-3: MMAP_THRESHOLD})  # M_MMAP_THRESHOLD (which also ends glibc's own raising)
+        _depth += 1
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        global _depth
+        _depth -= 1
+        if _depth == 0:
+            _mallopt({-3: RELEASED_THRESHOLDS[0], -1: RELEASED_THRESHOLDS[1]})  # M_MMAP_, M_TRIM_THRESHOLD
+
+
 def check_fits(needed: int, *, what: str, lower: str, device: torch.device | str | None = None) -> None:
-    """Stop early, with the estimate and what to lower, if ``needed`` bytes will not fit.
+    """Stop early, with the estimate and what to lower, if ``needed`` bytes will not fit (the pre-run check).
 
     ``NEURONTRACE_NO_MEMORY_CHECK=1`` skips the check (the estimate is an estimate).
     """
@@ -253,12 +335,14 @@ def estimate(model: Any, *, prompt_len: int, nodes: int = 200, batch_size: int =
 
 
 def measured_peak(fn: Any) -> tuple[Any, int]:
-    """Run ``fn()`` and return its result and the peak resident memory it added (bytes; Linux, CPU).
+    """Run ``fn()`` and return its result and how much it raised the process's peak resident memory (bytes;
+    Linux, CPU).
 
-    Makes glibc serve blocks over 64 KiB from mmap, returns freed heap memory to the system and resets the
-    kernel's high-water mark
-    (``/proc/self/clear_refs``) first, so the peak is this call's own whatever ran before; run it in a fresh
-    process after a warm-up forward for numbers that compare with :func:`estimate`.
+    Resets the kernel's high-water mark (``/proc/self/clear_refs``) first, so the peak is this call's own
+    whatever ran before; attribution and graphs fix the allocator themselves while they run
+    (:class:`pin_allocator`), other code runs with glibc's settings. It does not hand the heap's free pages back
+    first (``malloc_trim``): the call would fault them in again, and count them. Run it in a fresh process after loading the model and one forward for numbers that compare with
+    :func:`estimate` (the same as the peak over that of the loaded model, ``benchmarks/bench_memory.py``).
     """
 
     def read(key: str) -> int:
@@ -271,14 +355,6 @@ def measured_peak(fn: Any) -> tuple[Any, int]:
     import gc
 
     gc.collect()
-    try:  # glibc: large blocks straight from mmap and back on free, and freed heap memory handed back, so
-        import ctypes  # resident memory follows the live tensors (as the CUDA allocator's statistics do)
-
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-3, 1 << 16)  # M_MMAP_THRESHOLD = 64 KiB
-        libc.malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
     before = read("VmRSS:")

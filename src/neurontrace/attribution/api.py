@@ -250,6 +250,7 @@ def mean_activations(
     return total / count
 
 
+@memory.pin_allocator()  # the process's memory follows the tensors (and the estimate) while it runs
 def attribute(
     model: NeuronModel,
     *,
@@ -433,7 +434,7 @@ def attribute(
             token_strings(model, clean.ids(row)) if model.tokenizer else [] for row in range(clean.size)
         ]
         state.add(scores, acts, clean, out)
-        out = scores = acts = mask = None  # freed before the next batch's backward (neurontrace.memory counts so)
+        out = scores = acts = mask = None  # freed before the next batch's backward (as memory.py counts)
         if bar is not None:
             bar.update(len(chunk))
         if checkpoint is not None and time.monotonic() - last_save > checkpoint_every_s:

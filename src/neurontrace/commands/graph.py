@@ -26,11 +26,13 @@ _PLAIN_NAME = re.compile(r"[A-Za-z0-9._-]+")
 
 
 def read_prompts(path: str) -> list[str]:
-    """The prompts of a text file, one a line (blank lines skipped)."""
+    """The prompts of a UTF-8 text file, one a line (blank lines skipped; see :func:`neurontrace.io.text_lines`)."""
+    from neurontrace.io import text_lines
+
     file = Path(path)
     if not file.is_file():
         raise NeurontraceError(f"no such prompts file: {path}; give a text file with one prompt a line")
-    prompts = [line for line in file.read_text(encoding="utf-8-sig").splitlines() if line.strip()]
+    prompts = [line for _, line in text_lines(file) if line.strip()]
     if not prompts:
         raise NeurontraceError(f"the prompts file {path} is empty; give one prompt a line")
     return prompts
@@ -129,6 +131,10 @@ def run_graph(args: argparse.Namespace) -> None:
             f"--slug {slug!r} is not a plain file name; use letters, digits, '.', '_' and '-' (files go in --out)"
         )
     prompts = [args.prompt] if args.prompts is None else read_prompts(args.prompts)
+    if args.dataset is not None:
+        from neurontrace.tasks import load_pairs
+
+        load_pairs(args.dataset)  # a line that is not a pair stops before the model loads
     out = Path(args.out)
     stems = [slug] if args.prompts is None else [f"{slug}-{i:03d}" for i in range(len(prompts))]
     for i in distributed.shard(
@@ -336,7 +342,8 @@ def add_graph_parser(sub, add_model_args) -> None:
     p.add_argument(
         "--prompts",
         metavar="FILE",
-        help="a text file with one prompt a line: one graph each, SLUG-000.*, ... and index.json in --out "
+        help="a UTF-8 text file with one prompt a line (lines end at \\n only; U+2028 stays in its prompt): one "
+        "graph each, SLUG-000.*, ... and index.json in --out "
         "(under torchrun the processes share the prompts)",
     )
     p.add_argument(

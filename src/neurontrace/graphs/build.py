@@ -31,11 +31,13 @@ from neurontrace.hooks import add_output_hook
 from neurontrace.memory import (
     MAX_CHUNK,
     Shape,
-    attribution_bytes,
-    attribution_peak,
     available_bytes,
     check_fits,
     edge_bytes_per_target,
+    graph_bytes,
+    graph_peak,
+    pin_allocator,
+    selection_bytes,
 )
 from neurontrace.models.model import NeuronModel
 from neurontrace.sites import check_site, dictionary_latents, hook_site, site_layers
@@ -251,6 +253,7 @@ def _target_groups(
     return groups
 
 
+@pin_allocator()  # the process's memory follows the tensors (and the estimate)
 def graph_scores(
     model: NeuronModel,
     prompt: str | Sequence[int],
@@ -277,10 +280,10 @@ def graph_scores(
     T = batch.width
     layers = site_layers(model, site)
     latents = dictionary_latents(site)  # a dictionary site: latents, then error components
+    selection = selection_bytes(Shape.of(model), prompt_len=T)  # before the forward that picks the targets
+    check_fits(selection, what="the graph's node selection", lower="the prompt length", device=model.device)
     groups = _target_groups(model, batch, answers=answers, targets=targets, max_logits=max_logits,
                             logit_mass=logit_mass, center_logits=center_logits)  # fmt: skip
-    selection = attribution_peak(attribution_bytes(Shape.of(model), prompt_len=T))
-    check_fits(selection, what="the graph's node selection", lower="the prompt length", device=model.device)
     values: list[torch.Tensor] = []
 
     def weighted_logits(logits: torch.Tensor) -> torch.Tensor:
@@ -354,6 +357,7 @@ def _given_neurons(
     return sorted(chosen)
 
 
+@pin_allocator()  # the process's memory follows the tensors (and the estimate)
 def build_graph(
     model: NeuronModel,
     prompt: str | Sequence[int],
@@ -410,6 +414,13 @@ def build_graph(
     blacklist = blacklist_for(blacklist, model=model, site=site)
     layers = site_layers(model, site)
     latents = dictionary_latents(site)  # a dictionary site: latents, then error components
+    # before any forward: node selection, then the edges with one target per backward (the least they need;
+    # chunks are sized to the free memory)
+    T, n = _prompt_batch(model, prompt).width, len(neurons) if neurons is not None else max_nodes or 0
+    n_targets = len(targets) if targets is not None else len(answers) if answers else max_logits
+    least = graph_bytes(Shape.of(model), prompt_len=T, nodes=n, logits=n_targets, chunk=1)
+    check_fits(graph_peak(least), what=f"a graph of a {T}-token prompt with up to {n} neuron nodes",
+               lower="the prompt length or max_nodes (--max-nodes)", device=model.device)  # fmt: skip
 
     # 1. Node selection: RelP node scores (total effects) for the weighted target logits.
     s = graph_scores(model, prompt, answers=answers, targets=targets, max_logits=max_logits,
@@ -486,6 +497,7 @@ def build_graph(
     return AttributionGraph(text, tokens, batch.ids(0), nodes, adjacency, meta)
 
 
+@pin_allocator()  # the process's memory follows the tensors (and the estimate)
 def direct_effects(
     model: NeuronModel,
     batch,
