@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from neurontrace.errors import DatasetError, TokenizationError
-from neurontrace.io import write_text_atomic
+from neurontrace.io import text_lines, write_text_atomic
 from neurontrace.tokens import _tokenizer_of, encode, single_token_id
 
 FIELDS = ("clean_prefix", "patch_prefix", "clean_answer", "patch_answer")
@@ -102,20 +102,10 @@ def load_pairs(path: str | os.PathLike) -> list[Pair]:
         what = "is a folder, not a dataset file" if path.is_dir() else "no such dataset file"
         raise DatasetError(f"{what}: {path}; give a JSONL file with one pair per line")
     try:
-        data = path.read_bytes()
+        lines = text_lines(path)  # split on \n only; bytes that are not UTF-8 name their line
     except OSError as e:
         raise DatasetError(f"cannot read dataset file {path}: {e.strerror}") from None
-    pairs = []
-    for number, raw in enumerate(data.split(b"\n"), start=1):
-        try:
-            line = raw.decode("utf-8-sig" if number == 1 else "utf-8")
-        except UnicodeDecodeError as e:
-            raise DatasetError(
-                f"{path}:{number}: not UTF-8 text (byte {raw[e.start]:#04x} at column {e.start + 1}); "
-                "save the file as UTF-8"
-            ) from None
-        if line.strip():
-            pairs.append(_pair_from_line(line, f"{path}:{number}"))
+    pairs = [_pair_from_line(line, f"{path}:{number}") for number, line in lines if line.strip()]
     if not pairs:
         raise DatasetError(f"the dataset {path} is empty; it needs at least one pair, one JSON object a line")
     return pairs
