@@ -149,15 +149,21 @@ def test_fresh_refuses_a_model_folder_before_the_model_loads_and_deletes_nothing
     assert load_model(str(model_dir)).n_layers == 3  # the weights are still there and load
 
 
-def test_fresh_deletes_only_what_an_evaluation_wrote_also_in_an_older_folder(folder, tmp_path, capsys):
-    from neurontrace.commands.evaluate import MARKER
-
+def _finished_run(folder: str, tmp_path) -> tuple:
+    """A small evaluation, run to its end: its folder and the command line that made it."""
     data = tmp_path / "mixed.jsonl"
     save_pairs(data, MIXED)
     run = tmp_path / "run"
     argv = ["evaluate", "--model", folder, "--dataset", str(data), "--methods", "relp", "--bases", "neurons",
             "--points", "4", "--levels", "0.5", "--out", str(run)]  # fmt: skip
     assert main(argv) == 0
+    return run, argv
+
+
+def test_fresh_deletes_only_what_an_evaluation_wrote_also_in_an_older_folder(folder, tmp_path, capsys):
+    from neurontrace.commands.evaluate import MARKER
+
+    run, argv = _finished_run(folder, tmp_path)
     assert (run / MARKER).is_file() and (run / "config.json").is_file()
     (run / MARKER).unlink()  # a folder of a version that wrote no marker: known by its config.json
     (run / "notes.md").write_text("mine")
@@ -173,12 +179,7 @@ def test_fresh_deletes_only_what_an_evaluation_wrote_also_in_an_older_folder(fol
 def test_a_damaged_curve_is_computed_again_and_a_damaged_config_is_one_line(
     folder, tmp_path, monkeypatch, capsys
 ):
-    data = tmp_path / "mixed.jsonl"
-    save_pairs(data, MIXED)
-    run = tmp_path / "run"
-    argv = ["evaluate", "--model", folder, "--dataset", str(data), "--methods", "relp", "--bases", "neurons",
-            "--points", "4", "--levels", "0.5", "--out", str(run)]  # fmt: skip
-    assert main(argv) == 0
+    run, argv = _finished_run(folder, tmp_path)
     curve = run / "curves" / "relp-neurons-seed0.json"
     whole = json.loads(curve.read_text())
     curve.write_bytes(curve.read_bytes()[:200])  # cut short, as a full disk or a copy could leave it
